@@ -226,6 +226,7 @@ class Transformer(nn.Module):
             position so far including these T. Positions count real tokens only, as in transformers.
         source: FLARE's English representations, one (B, P, hidden) tensor per layer over the source prompt.
             Target position i is fused with source position i, and positions past P with the last one (P - 1).
+            q_proj and v_proj receive (source rows for these positions, mask of the real target positions).
         checkpoint: recompute each layer in the backward pass (activation checkpointing); the source goes in as
             an argument, so it is fused in the recomputation too.
         layer_inputs: "normed" or "residual": return each layer's input (after or before input_layernorm)
@@ -255,7 +256,7 @@ class Transformer(nn.Module):
             if layer_inputs is not None:
                 reps.append(layer.input_layernorm(h) if layer_inputs == "normed" else h)
             mask = window if i in c.sliding_layers else causal
-            src = None if source is None else source[i][:, min(start, source[i].shape[1] - 1):start + T]
+            src = None if source is None else (source[i][:, min(start, source[i].shape[1] - 1):start + T], real[:, start:])
             if checkpoint and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, cache, src, use_reentrant=False)
             else:
@@ -271,13 +272,14 @@ class Transformer(nn.Module):
         return logits
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, max_new_tokens, eos_id, source=None):
-        """Greedy decoding of a left-padded batch with the KV cache. Returns the new tokens (B, <= max_new_tokens);
-        a sequence that has produced EOS is continued with EOS."""
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_id, source=None, use_cache=True):
+        """Greedy decoding of a left-padded batch. Returns the new tokens (B, <= max_new_tokens); a sequence that
+        has produced EOS is continued with EOS. use_cache=False recomputes the whole sequence at every step, which
+        FLARE's position-mixing fusions need (they mix over all earlier positions, which a cache does not keep)."""
         B, P = input_ids.shape
         dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled(input_ids.device.type) \
             else self.model.embed_tokens.weight.dtype
-        cache = KVCache(self.config, B, P + max_new_tokens, dtype, input_ids.device)
+        cache = KVCache(self.config, B, P + max_new_tokens, dtype, input_ids.device) if use_cache else None
         eos = torch.tensor(eos_id, device=input_ids.device).flatten()
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         tokens, mask, out = input_ids, attention_mask, []
@@ -288,7 +290,8 @@ class Transformer(nn.Module):
             done |= torch.isin(next_token, eos)
             if done.all():
                 break
-            tokens, mask = next_token[:, None], torch.cat([mask, mask.new_ones(B, 1)], 1)
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            tokens = next_token[:, None] if use_cache else torch.cat([tokens, next_token[:, None]], 1)
         return torch.stack(out, 1)
 
 
