@@ -137,6 +137,18 @@ def adapter_parameters(model, name):
     return [p for _, m in adapters(model, name) for n, p in m.named_parameters() if not n.startswith("base.")]
 
 
+def remove(model, name):
+    """Takes adapter `name` off the model again, leaving whatever it wrapped."""
+    for path, m in adapters(model, name):
+        if m.merged:
+            raise ValueError(f"{path}: unmerge adapter {name!r} before removing it")
+        parent, attr = path.rsplit(".", 1)
+        outer = model.get_submodule(parent)
+        while getattr(outer, attr) is not m:  # m may sit under a later adapter: walk down the stack
+            outer, attr = getattr(outer, attr), "base"
+        setattr(outer, attr, m.base)
+
+
 @contextlib.contextmanager
 def disabled(model, name):
     """Switches adapter `name` off for the duration (the FLARE source pass)."""
@@ -210,19 +222,22 @@ def load_adapter(model, folder, name=None):
         cfg = json.load(f)
     name = name or cfg["name"]
     add_lora(model, name, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["fusion"], tuple(cfg["targets"]))
-    state = load_file(os.path.join(folder, "adapter.safetensors"))
-    expected = adapter_state(model, name)
-    if set(state) != set(expected):
-        raise ValueError(f"{folder}/adapter.safetensors does not fit this model: missing "
-                         f"{sorted(set(expected) - set(state))[:5]}, unexpected {sorted(set(state) - set(expected))[:5]}")
+    set_adapter_state(model, name, load_file(os.path.join(folder, "adapter.safetensors")), folder)
+    return cfg
+
+
+def set_adapter_state(model, name, state, where="the given state"):
+    """Copies tensors named as adapter_state names them into adapter `name`; every name and shape must match."""
     params = {f"{path}.{n}": p for path, m in adapters(model, name) for n, p in m.named_parameters()
               if not n.startswith("base.")}
+    if set(state) != set(params):
+        raise ValueError(f"{where} does not fit adapter {name!r}: missing {sorted(set(params) - set(state))[:5]}, "
+                         f"unexpected {sorted(set(state) - set(params))[:5]}")
     with torch.no_grad():
         for key, value in state.items():
             if value.shape != params[key].shape:
                 raise ValueError(f"{key}: saved shape {tuple(value.shape)}, model expects {tuple(params[key].shape)}")
             params[key].copy_(value)
-    return cfg
 
 
 def export_peft(model, name, folder, base_model=None):
