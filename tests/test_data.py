@@ -1,0 +1,366 @@
+"""data.py: pairs from each dataset's real file format, prompts, batches, the synthetic task, metrics and errors.
+
+Fixtures in tests/fixtures/ have the Hub's file layout and format (tests/fixtures/make_fixtures.py wrote them); only
+data._download is replaced, so everything after the download runs as it does on real files.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+import data
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+TRANSLATIONS = os.path.join(FIXTURES, "tydiqa", "translations-sw.jsonl")
+
+
+@pytest.fixture(autouse=True)
+def hub_files(monkeypatch):
+    """Serve every download from tests/fixtures/<task>/<path in the Hub repo>."""
+    def download(task, filename, cache_dir):
+        path = os.path.join(FIXTURES, task, filename)
+        if not os.path.exists(path):
+            raise FileNotFoundError(path)
+        return path
+    monkeypatch.setattr(data, "_download", download)
+
+
+class CharTokenizer:
+    """One token per character (id = code point + 3), so prompt lengths can be counted by hand."""
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def encode(self, text, bos=True):
+        return [self.bos_id] * bos + [ord(c) + 3 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i - 3) for i in ids if i > 2)
+
+
+# ---- pairs from the dataset files ----
+
+def test_xnli_target_rows_pair_with_english_rows_of_the_same_index():
+    pairs = data.load_pairs("xnli", "sw", "test")
+    assert len(pairs) == 6
+    assert pairs[1] == data.Pair("test-1", {"premise": "Basi lilifika kwa kuchelewa kwa sababu ya mvua.",
+                                            "hypothesis": "Basi lilifika kwa wakati."},
+                                 {"premise": "The bus arrived late because of the rain.",
+                                  "hypothesis": "The bus was on time."}, "contradiction")
+    assert [p.answer for p in pairs] == ["entailment", "contradiction", "neutral"] * 2
+
+
+def test_english_pairs_have_the_english_fields_on_both_sides():
+    pairs = data.load_pairs("xnli", "en", "train")
+    assert all(p.target == p.source for p in pairs)
+    assert pairs[0].target["premise"] == "The man is playing a guitar on the street."
+
+
+def test_nusax_pairs_align_by_id_not_by_row_order():
+    pairs = data.load_pairs("nusax", "ind", "train")
+    assert [p.id for p in pairs] == ["63", "58", "42", "37", "24", "11"]  # the ind file's order
+    by_id = {p.id: p for p in pairs}
+    assert by_id["42"].target == {"text": 'Pelayanannya lambat, saya menunggu satu jam untuk roti "segar".'}
+    assert by_id["42"].source == {"text": 'Service was slow, I waited an hour for "fresh" bread.'}
+    assert by_id["42"].answer == "negative"
+
+
+def test_tydiqa_pairs_take_the_english_side_from_the_translations_file_and_drop_lost_answers(capsys):
+    pairs = data.load_pairs("tydiqa", "sw", "train", translations=TRANSLATIONS)
+    # seven Swahili items in the train file: one held out for validation, one lost its answer in translation
+    assert [p.id for p in pairs] == ["swahili-10001729-0", "swahili-10011729-0", "swahili-10041729-0",
+                                     "swahili-10051729-0", "swahili-10061729-0"]
+    assert pairs[0].target == {"context": "Nairobi ni mji mkuu wa Kenya na mji mkubwa zaidi nchini humo.",
+                               "question": "Mji mkuu wa Kenya ni upi?"}
+    assert pairs[0].source["question"] == "What is the capital of Kenya?"
+    assert pairs[0].source["answer"] == "Nairobi"
+    assert pairs[0].answer == "Nairobi"  # the gold answer stays in the target language
+    assert "dropped 1 of 6 items whose answer was lost in translation" in capsys.readouterr().out
+
+
+def test_tydiqa_validation_is_a_held_out_tenth_of_train_and_test_is_the_validation_file():
+    validation = data.load_pairs("tydiqa", "sw", "validation", translations=TRANSLATIONS)
+    test = data.load_pairs("tydiqa", "sw", "test", translations=TRANSLATIONS)
+    assert [p.id for p in validation] == ["swahili-10031729-0"]
+    assert [p.id for p in test] == ["swahili-40001729-0", "swahili-40011729-0", "swahili-40021729-0"]
+    assert test[1].answer == "pwani ya Kenya"  # the first gold answer
+
+
+def test_tydiqa_english_needs_no_translations():
+    pairs = data.load_pairs("tydiqa", "en", "train")
+    assert [p.answer for p in pairs] == ["Paris", "The Amazon River", "8,849 metres"]
+    assert all(p.target == p.source for p in pairs)
+
+
+def test_limit_takes_the_same_random_subset_for_a_seed():
+    a = data.load_pairs("xnli", "sw", "train", limit=3, seed=1)
+    assert [p.id for p in a] == [p.id for p in data.load_pairs("xnli", "sw", "train", limit=3, seed=1)]
+    assert len(a) == 3 and [p.id for p in a] == sorted(p.id for p in a)  # file order kept
+    assert any([p.id for p in data.load_pairs("xnli", "sw", "train", limit=3, seed=s)] != [p.id for p in a]
+               for s in range(2, 6))
+
+
+# ---- prompts and batches ----
+
+def test_prompts_are_the_strings_of_flare_md():
+    assert data.TASKS["xnli"].render({"premise": "P", "hypothesis": "H"}) == "Premise: P\nHypothesis: H\nLabel: "
+    assert data.TASKS["nusax"].render({"text": "T"}) == "T\nSentiment: "
+    assert data.TASKS["tydiqa"].render({"context": "C", "question": "Q"}) == "Context: C\nQuestion: Q\nAnswer: "
+    assert data.TASKS["synth"].render({"text": "T"}) == "T\nSentiment: "
+
+
+def test_every_language_of_flare_md_is_accepted():
+    assert len(data.TASKS["xnli"].languages) == 14 and len(data.TASKS["nusax"].languages) == 11
+    assert data.TASKS["tydiqa"].languages == ("ar", "bn", "fi", "id", "ko", "ru", "sw", "te")
+    assert [data.TASKS[t].max_length for t in ("xnli", "nusax", "tydiqa", "synth")] == [128, 128, 512, 128]
+
+
+def pair(target_text, source_text, answer):
+    return data.Pair("x", {"text": target_text}, {"text": source_text}, answer)
+
+
+def test_batch_left_pads_both_prompts_to_one_length_and_labels_only_answer_and_eos():
+    tok, task = CharTokenizer(), data.TASKS["nusax"]
+    batch = data.make_batch([pair("abc", "a", "no"), pair("a", "abcdef", "yes")], tok, task)
+    suffix = "\nSentiment: "
+    P = 1 + len("abcdef" + suffix)  # the longest prompt of either side, BOS included
+    assert batch.prompt_len == P and batch.input_ids.shape == (2, P + 4) and batch.source_ids.shape == (2, P)
+    row = batch.input_ids[0].tolist()
+    prompt = tok.encode("abc" + suffix)
+    assert row[:P - len(prompt)] == [0] * (P - len(prompt))
+    assert row[P - len(prompt):] == prompt + tok.encode("no", bos=False) + [tok.eos_id, tok.pad_id]
+    assert batch.attention_mask[0].tolist() == [0] * (P - len(prompt)) + [1] * (len(prompt) + 3) + [0]
+    assert batch.labels[0].tolist() == [-100] * P + tok.encode("no", bos=False) + [tok.eos_id, -100]
+    assert batch.labels[1].tolist() == [-100] * P + tok.encode("yes", bos=False) + [tok.eos_id]
+    assert batch.source_ids[1].tolist() == tok.encode("abcdef" + suffix)
+    assert batch.source_mask[0].tolist() == [0] * (P - 1 - len("a" + suffix)) + [1] * (1 + len("a" + suffix))
+
+
+def test_batch_without_answers_is_prompts_only_and_given_answers_replace_the_gold_ones():
+    tok, task = CharTokenizer(), data.TASKS["nusax"]
+    pairs = [pair("abc", "a", "no"), pair("a", "abcdef", "yes")]
+    prompts = data.make_batch(pairs, tok, task, answers=False)
+    assert prompts.input_ids.shape == (2, prompts.prompt_len) and (prompts.labels == -100).all()
+    scored = data.make_batch(pairs, tok, task, answers=["ok", "ok"])
+    assert scored.labels[1, scored.prompt_len:].tolist() == tok.encode("ok", bos=False) + [tok.eos_id]
+
+
+def test_english_only_and_input_fusion_batches_have_no_source():
+    tok, task = CharTokenizer(), data.TASKS["nusax"]
+    p = pair("tgt", "src", "no")
+    english = data.make_batch([p], tok, task, english_only=True)
+    assert english.source_ids is None and english.input_ids[0, :english.prompt_len].tolist() == \
+        tok.encode("src\nSentiment: ")
+    fused = data.make_batch([p], tok, task, input_fusion=True)
+    assert fused.source_ids is None
+    assert fused.input_ids[0, :fused.prompt_len].tolist() == tok.encode("src\nSentiment: tgt\nSentiment: ")
+    plain = data.make_batch([p], tok, task, source=False)
+    assert plain.source_ids is None and plain.source_mask is None
+
+
+def test_truncation_cuts_only_the_long_field():
+    tok, task = CharTokenizer(), data.TASKS["tydiqa"]
+    fields = {"context": "x" * 1000, "question": "What is kept whole?"}
+    ids = data.prompt_ids(task, fields, tok)
+    assert len(ids) == task.max_length
+    kept = task.max_length - len(tok.encode(task.render({"context": "", "question": fields["question"]})))
+    assert tok.decode(ids) == task.render({"context": "x" * kept, "question": "What is kept whole?"})
+
+
+def test_answer_logprob_sums_the_log_likelihood_of_the_labelled_tokens():
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 1, 2] = 2.0  # position 1 predicts token 2
+    labels = torch.tensor([[-100, -100, 2]])
+    expected = 2.0 - torch.log(torch.tensor(torch.e ** 2 + 3.0))
+    assert torch.allclose(data.answer_logprob(logits, labels), expected.reshape(1))
+
+
+def test_pick_label_takes_the_highest_log_likelihood():
+    assert data.pick_label({"entailment": -3.2, "neutral": -1.5, "contradiction": -7.0}) == "neutral"
+
+
+# ---- the synthetic task ----
+
+def test_synth_is_deterministic_for_a_seed_and_differs_across_seeds():
+    assert data.load_pairs("synth", "syn", "train", limit=50, seed=3) == data.synth_pairs("syn", "train", n=50, seed=3)
+    assert data.synth_pairs("syn", "train", n=50, seed=3) != data.synth_pairs("syn", "train", n=50, seed=4)
+    assert data.synth_corpus(200, seed=3) == data.synth_corpus(200, seed=3)
+    assert data.synth_pairs("syn", "test", n=20, seed=3) == data.synth_pairs("syn", "test", seed=3)[:20]
+
+
+def test_synth_english_and_target_pairs_are_the_same_items_and_splits_are_disjoint():
+    english, target = data.synth_pairs("en", "train", n=300), data.synth_pairs("syn", "train", n=300)
+    assert [p.answer for p in english] == [p.answer for p in target]
+    assert [p.source for p in english] == [p.source for p in target]  # train: the English original is exact
+    tests = {p.target["text"] for p in data.synth_pairs("en", "test")}
+    assert not tests & {p.target["text"] for p in data.synth_pairs("en", "train")}
+
+
+def test_synth_translation_is_imperfect_but_mostly_right():
+    exact = data.synth_pairs("en", "test")
+    mt = data.synth_pairs("syn", "test")
+    wrong = sum(e.source != m.source for e, m in zip(exact, mt)) / len(exact)
+    assert 0.01 < wrong < 0.15
+
+
+def test_synth_label_follows_the_polar_adjective_and_negation():
+    texts = {p.target["text"]: p.answer for p in data.synth_pairs("en", "train", n=2000)}
+    for text, answer in texts.items():
+        words = text.split()
+        polar = [i for i, w in enumerate(words) if w in data.W["good"] + data.W["bad"]]
+        assert len(polar) == 1
+        negated = words[polar[0] - 1] == "not" or words[polar[0] - 2] == "not"
+        assert answer == ("positive" if (words[polar[0]] in data.W["good"]) != negated else "negative")
+
+
+def test_synth_languages_share_only_the_anchor_words():
+    target = data.synth_pairs("syn", "test")
+    english_words = {w for p in data.synth_pairs("en", "test") for w in p.target["text"].split()}
+    target_words = {w for p in target for w in p.target["text"].split()}
+    assert english_words & target_words <= set(data.ANCHORS) | {"."}
+    assert sum(len(p.target["text"].split()) for p in target) > 1.3 * sum(len(p.source["text"].split()) for p in target)
+
+
+def test_synth_corpus_is_mostly_english():
+    corpus = data.synth_corpus(4000, target_share=0.05, seed=0)
+    english_words = {w for words in data.W.values() for w in words} | {"not", "."}
+    share = sum(not set(line.split()) <= english_words for line in corpus) / len(corpus)
+    assert 0.03 < share < 0.07
+
+
+def test_synth_tokenizer_loads_like_a_hub_tokenizer_and_knows_every_word(tmp_path):
+    from tokenizers import Tokenizer
+    data.write_synth_tokenizer(str(tmp_path))
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == \
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert [tok.token_to_id(t) for t in ("<pad>", "<bos>", "<eos>", "<unk>")] == [0, 1, 2, 3]
+    assert tok.encode("good .").ids[0] == 1 and tok.encode("good .").ids.count(1) == 1  # <bos> once
+    assert tok.get_vocab_size() < 600
+    task, unk = data.TASKS["synth"], tok.token_to_id("<unk>")
+    pairs = data.synth_pairs("syn", "test") + data.synth_pairs("syn", "train", n=500)
+    for p in pairs:
+        for fields in (p.target, p.source):
+            ids = tok.encode(task.render(fields) + p.answer).ids
+            assert unk not in ids and len(ids) + 1 < 40  # + EOS
+
+
+# ---- metrics ----
+
+def test_accuracy_and_macro_f1_equal_hand_computed_values():
+    gold = ["pos", "pos", "neg", "neu", "neg"]
+    pred = ["pos", "neg", "neg", "neu", "pos"]
+    assert data.accuracy(pred, gold) == 3 / 5
+    # pos: tp 1, fp 1, fn 1 -> 1/2; neg: tp 1, fp 1, fn 1 -> 1/2; neu: tp 1 -> 1
+    assert data.macro_f1(pred, gold, ("neg", "neu", "pos")) == pytest.approx((0.5 + 1 + 0.5) / 3)
+    assert data.macro_f1(["a", "a"], ["a", "a"], ("a", "b")) == 0.5  # a label never seen counts as 0
+
+
+@pytest.mark.parametrize("text, normalized", [
+    ("The Eiffel Tower", "eiffel tower"),
+    ("an apple, a pear and the end.", "apple pear and end"),
+    ("  many   spaces\there\n", "many spaces here"),
+    ("Theory of an Ant", "theory of ant"),  # articles are whole words only
+    ("«Dodoma»", "dodoma"),
+    ("don't", "dont"),
+    ("القاهرة، مصر؟", "القاهرة مصر"),
+    ("東京。", "東京"),
+    ("ঢাকা।", "ঢাকা"),
+    ("Москва — столица", "москва столица"),
+])
+def test_normalize_answer_follows_squad(text, normalized):
+    assert data.normalize_answer(text) == normalized
+
+
+def test_exact_match_and_token_f1_equal_hand_computed_values():
+    assert data.exact_match("The Nile.", "nile") == 1.0
+    assert data.exact_match("Nile river", "nile") == 0.0
+    # pred "coast kenya" vs gold "on coast of kenya": 2 common, precision 1, recall 1/2 -> f1 2/3
+    assert data.token_f1("the coast, Kenya", "on the coast of Kenya") == pytest.approx(2 / 3)
+    assert data.token_f1("Paris", "London") == 0.0
+    assert data.token_f1("the", "a") == 1.0  # both empty after normalisation
+    scores = data.metrics(data.TASKS["tydiqa"], ["The Nile.", "Paris"], ["nile", "London"])
+    assert scores == {"exact_match": 0.5, "token_f1": 0.5}
+    assert data.metrics(data.TASKS["nusax"], ["positive"], ["positive"])["macro_f1"] == pytest.approx(1 / 3)
+
+
+# ---- errors ----
+
+def test_unknown_task_language_and_split_list_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown task 'xnlii': use one of xnli, nusax, tydiqa, synth"):
+        data.load_pairs("xnlii", "sw", "test")
+    with pytest.raises(ValueError, match="nusax has no language 'sw': use one of en, ace, ban"):
+        data.load_pairs("nusax", "sw", "test")
+    with pytest.raises(ValueError, match="unknown split 'dev': use one of train, validation, test"):
+        data.load_pairs("xnli", "sw", "dev")
+
+
+def test_tydiqa_without_translations_says_how_to_get_them():
+    with pytest.raises(ValueError, match="pass translations=<file.jsonl>.*translate_tydiqa"):
+        data.load_pairs("tydiqa", "sw", "test")
+
+
+def test_translations_file_missing_items_says_how_many_and_which_file(tmp_path):
+    path = tmp_path / "partial.jsonl"
+    path.write_text("".join(open(TRANSLATIONS).readlines()[-2:]))  # only two of the three test items
+    with pytest.raises(ValueError, match=f"{path} misses translations for 1 of 3 tydiqa sw test items"):
+        data.load_pairs("tydiqa", "sw", "test", translations=str(path))
+
+
+def test_malformed_translations_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(open(TRANSLATIONS).readline() + '{"id": "swahili-1", "question": \n')
+    with pytest.raises(ValueError, match=f"{path}:2: malformed line"):
+        data.load_pairs("tydiqa", "sw", "test", translations=str(path))
+
+
+def test_malformed_csv_line_names_file_and_line(tmp_path, monkeypatch):
+    path = tmp_path / "train.csv"
+    path.write_text('id,text,label\n1,"fine, quoted",positive\n2,too,many,fields\n')
+    monkeypatch.setattr(data, "_download", lambda task, filename, cache_dir: str(path))
+    with pytest.raises(ValueError, match=f"{path}:3: malformed line"):
+        data.load_pairs("nusax", "ind", "train")
+
+
+def test_empty_split_is_an_error():
+    with pytest.raises(ValueError, match="tydiqa fi test is empty"):  # the fixture has no Finnish items
+        data.load_pairs("tydiqa", "fi", "test")
+
+
+# ---- translating TyDiQA with the model ----
+
+def fake_model(prompts, max_new_tokens):
+    """Translates the fixture's Swahili "by heart", keeping the quotes; loses the quotes around 'Dodoma'."""
+    english = {"Dodoma\" ni mji mkuu": "Dodoma is the official capital of Tanzania.",
+               "Mombasa ni mji": "Mombasa is a port city on the “coast of Kenya”.",
+               "Simba ni mnyama": "The lion is an animal that lives \"in the savanna\".\nSwahili: more"}
+    outputs = []
+    for prompt in prompts:
+        text = prompt.rsplit("Swahili: ", 1)[1]
+        outputs.append(" " + next((v for k, v in english.items() if k in text), "A question?"))
+    fake_model.calls += 1
+    return outputs
+
+
+def test_translate_tydiqa_marks_the_answer_caches_and_counts_lost_answers(tmp_path):
+    path = str(tmp_path / "sw.jsonl")
+    fake_model.calls = 0
+    assert data.translate_tydiqa("sw", "test", fake_model, path, batch_size=2) == 1  # Dodoma lost its quotes
+    records = [json.loads(line) for line in open(path)]
+    assert [r["id"] for r in records] == ["swahili-40001729-0", "swahili-40011729-0", "swahili-40021729-0"]
+    assert records[1]["context"] == "Mombasa is a port city on the coast of Kenya." and \
+        records[1]["answer"] == "coast of Kenya"
+    assert records[2]["context"] == "The lion is an animal that lives in the savanna."  # first line only
+    assert records[0]["answer"] == ""
+    calls = fake_model.calls
+    assert data.translate_tydiqa("sw", "test", fake_model, path) == 1 and fake_model.calls == calls  # cached
+    assert [p.id for p in data.load_pairs("tydiqa", "sw", "test", translations=path)] == \
+        ["swahili-40011729-0", "swahili-40021729-0"]
+
+
+def test_translation_prompt_is_few_shot_with_the_answer_span_in_quotes(tmp_path):
+    seen = []
+    data.translate_tydiqa("sw", "test", lambda prompts, n: seen.extend(prompts) or ["x"] * len(prompts),
+                          str(tmp_path / "t.jsonl"))
+    prompt = seen[1]  # the second context of the first batch
+    assert prompt.startswith('Translate the text into English. Keep the part in "quotes" in quotes.\n\nIndonesian: ')
+    assert prompt.endswith('\n\nSwahili: Mombasa ni mji wa bandari ulioko "pwani ya Kenya".\nEnglish:')
