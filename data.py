@@ -9,7 +9,7 @@ tests replace), and small readers below parse each dataset's own file format:
   facebook/xnli                    {lang}/{split}-00000-of-00001.parquet   premise, hypothesis, label (0 entailment,
                                    1 neutral, 2 contradiction); row i of a language folder is row i of "en".
   indonlp/NusaX-senti              data/{lang}/{train,valid,test}.csv      id, text, label (a word); parallel by id
-                                   with the English folder "eng".
+                                   with the English folder "eng" (this layout on the Hub is unverified, see HUB).
   google-research-datasets/tydiqa  secondary_task/{train,validation}-00000-of-00001.parquet   id ("swahili-..."),
                                    title, context, question, answers {text: [...], answer_start: [...]}.
 TyDiQA-GoldP has no test split: "test" is the validation file, and "validation" is the tenth of the train file whose
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 import torch
 from huggingface_hub import hf_hub_download
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ SPLITS = ("train", "validation", "test")
 class Pair:
     id: str
     target: dict   # the target-language fields of the item, e.g. {"premise": ..., "hypothesis": ...}
-    source: dict   # the English fields of the same item
+    source: dict   # the English fields of the same item (TyDiQA adds "answer", the span in the English context)
     answer: str    # gold answer: a label word or the answer text (no EOS)
 
 
@@ -119,9 +120,12 @@ def _read_csv(path: str, columns: tuple[str, ...]) -> list[dict]:
 
 
 def _xnli(lang: str, split: str, cache_dir: str | None) -> list[dict]:
-    rows = _read_parquet(_download("xnli", f"{lang}/{split}-00000-of-00001.parquet", cache_dir),
-                         ("premise", "hypothesis", "label"))
+    path = _download("xnli", f"{lang}/{split}-00000-of-00001.parquet", cache_dir)
+    rows = _read_parquet(path, ("premise", "hypothesis", "label"))
     labels = TASKS["xnli"].labels
+    for i, r in enumerate(rows):
+        if r["label"] not in range(len(labels)):
+            raise ValueError(f"{path}: row {i} has label {r['label']}, expected 0, 1 or 2 ({', '.join(labels)}).")
     return [{"id": f"{split}-{i}", "premise": r["premise"], "hypothesis": r["hypothesis"], "answer": labels[r["label"]]}
             for i, r in enumerate(rows)]
 
@@ -177,12 +181,13 @@ def _items(task: str, lang: str, split: str, limit: int | None, seed: int, cache
 def load_pairs(task: str, lang: str, split: str, *, limit: int | None = None, seed: int = 100,
                translations: str | None = None, cache_dir: str | None = None) -> list[Pair]:
     """Items of (task, lang, split), each with its English counterpart; lang "en" gives English pairs (target ==
-    source). For "synth", limit is the number of generated items and seed picks them. TyDiQA needs `translations`."""
+    source). limit with seed takes a random subset; for "synth" they pick the generated items. TyDiQA needs
+    `translations` and drops the items whose answer was lost in translation (so it may return fewer than limit)."""
     spec = _check(task, lang, split)
-    if task == "synth":
-        return synth_pairs(lang, split, n=limit, seed=seed)
     if translations is not None and task != "tydiqa":
         raise ValueError(f"{task} is parallel by construction; translations is for tydiqa only: leave it out.")
+    if task == "synth":
+        return synth_pairs(lang, split, n=limit, seed=seed)
     items = _items(task, lang, split, limit, seed, cache_dir)
     fields = lambda item: {k: item[k] for k in spec.fields}
     if lang == "en":
@@ -220,17 +225,18 @@ def _read_translations(path: str) -> dict[str, dict]:
     return records
 
 
+def _answer_kept(english: dict) -> bool:
+    return bool(english["answer"]) and english["answer"] in english["context"]
+
+
 def _translated_pairs(items: list[dict], path: str, name: str) -> list[Pair]:
     records = _read_translations(path)
     missing = [it["id"] for it in items if it["id"] not in records]
     if missing:
         raise ValueError(f"{path} misses translations for {len(missing)} of {len(items)} {name} items (e.g. "
                          f"{missing[:3]}): run translate_tydiqa for them first.")
-    pairs = []
-    for it in items:
-        english = records[it["id"]]
-        if english["answer"] and english["answer"] in english["context"]:
-            pairs.append(Pair(it["id"], {"context": it["context"], "question": it["question"]}, english, it["answer"]))
+    pairs = [Pair(it["id"], {"context": it["context"], "question": it["question"]}, records[it["id"]], it["answer"])
+             for it in items if _answer_kept(records[it["id"]])]
     if len(pairs) < len(items):
         print(f"{name}: dropped {len(items) - len(pairs)} of {len(items)} items whose answer was lost in translation")
     return pairs
@@ -281,7 +287,7 @@ def translate_tydiqa(lang: str, split: str, generate, path: str, *, limit: int |
                 record = {"id": it["id"], "question": question, "context": context, "answer": answer}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
     done = _read_translations(path)
-    return sum(not done[it["id"]]["answer"] or done[it["id"]]["answer"] not in done[it["id"]]["context"] for it in items)
+    return sum(not _answer_kept(done[it["id"]]) for it in items)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -442,7 +448,6 @@ def synth_vocab() -> list[str]:
 
 def write_synth_tokenizer(folder: str) -> None:
     """Save a word-level tokenizer.json and tokenizer_config.json, so the synthetic model loads like a Hub model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     vocab = {w: i for i, w in enumerate(synth_vocab())}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -499,12 +504,11 @@ def make_batch(pairs: list[Pair], tokenizer, task: Task, *, answers: list[str] |
         if source and not (input_fusion or english_only) else None
     if answers is None:
         answers = [p.answer for p in pairs]
-    if answers is False:
-        answers = []
-    elif len(answers) != len(pairs):
+    if answers is not False and len(answers) != len(pairs):
         raise ValueError(f"{len(answers)} answers for {len(pairs)} pairs; pass one per pair, or answers=False for "
                          f"prompts only.")
-    answer_ids = [tokenizer.encode(a, bos=False) + [tokenizer.eos_id] for a in answers] or [[] for _ in pairs]
+    answer_ids = [[] for _ in pairs] if answers is False else \
+        [tokenizer.encode(a, bos=False) + [tokenizer.eos_id] for a in answers]
     P = max(len(ids) for ids in prompts + (sources or []))
     T = P + max(len(ids) for ids in answer_ids)
     input_ids = torch.full((len(pairs), T), tokenizer.pad_id, dtype=torch.long)

@@ -244,6 +244,18 @@ def test_synth_tokenizer_loads_like_a_hub_tokenizer_and_knows_every_word(tmp_pat
             assert unk not in ids and len(ids) + 1 < 40  # + EOS
 
 
+def test_synth_batches_with_the_model_tokenizer_stay_short(tmp_path):
+    import model
+    data.write_synth_tokenizer(str(tmp_path))
+    tok = model.load_tokenizer(str(tmp_path))
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    pairs = data.synth_pairs("syn", "test", n=64)
+    batch = data.make_batch(pairs, tok, data.TASKS["synth"])
+    assert batch.input_ids.shape[1] < 40 and batch.source_ids.shape == (64, batch.prompt_len)
+    assert tok.decode(batch.source_ids[0].tolist()) == pairs[0].source["text"] + " Sentiment:"
+    assert tok.decode(batch.labels[0][batch.labels[0] != -100].tolist()) == pairs[0].answer
+
+
 # ---- metrics ----
 
 def test_accuracy_and_macro_f1_equal_hand_computed_values():
