@@ -163,14 +163,17 @@ def disabled(model, name):
 
 
 @torch.no_grad()
-def source_representations(model, source_ids, source_mask, kind="normed", flare_name="flare"):
+def source_representations(model, source_ids, source_mask, kind="normed"):
     """The English pass: the same model with the FLARE adapter off (the stage-1 adapter stays on), no gradient.
-    For each layer, what that layer's q_proj and v_proj see ("normed": input_layernorm(h)), or the residual stream
-    entering it ("residual", what the public reference code feeds). Padded positions are zeroed."""
+    The FLARE adapter is any adapter with a fusion, whatever its name. For each layer, what that layer's q_proj
+    and v_proj see ("normed": input_layernorm(h)), or the residual stream entering it ("residual", what the
+    public reference code feeds). Padded positions are zeroed."""
     if kind not in ("normed", "residual"):
         raise ValueError(f"unknown source representation {kind!r}; choose 'normed' or 'residual'")
-    has_flare = any(isinstance(m, LoRA) and m.name == flare_name for m in model.modules())
-    with disabled(model, flare_name) if has_flare else contextlib.nullcontext():
+    fused = {m.name for m in model.modules() if isinstance(m, LoRA) and m.fusion is not None}
+    with contextlib.ExitStack() as stack:
+        for name in fused:
+            stack.enter_context(disabled(model, name))
         reps = model(source_ids, source_mask, layer_inputs=kind)
     keep = source_mask[..., None].to(reps[0].dtype)
     return [r * keep for r in reps]
