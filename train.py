@@ -1,0 +1,404 @@
+"""The FLARE pipeline from one command: stage-1 English task LoRA, transfer to the target language, evaluation.
+
+    python train.py --model llama3.1-8b --lang sw                  # XNLI, FLARE, on one CUDA GPU
+    python train.py --model tiny --task synth                      # the CPU demo: a few minutes on a laptop
+
+Methods (--methods, comma-separated, sharing one stage-1 run):
+    flare           a fresh LoRA on the target data, fusing the English source in q_proj and v_proj
+    lora            a fresh plain LoRA on the target data (translate-train)
+    input-fusion    a fresh plain LoRA on "English input, then target input" as one sequence
+    translate-test  the stage-1 model on the English translation of the test set
+    zero-shot       the stage-1 model on the target test set
+Everything lands in --out: the stage-1 adapter, one folder per method (log.jsonl, checkpoint, best adapter,
+result.json), results.json and results.md.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import flare
+from model import Config, Transformer, load_model, load_tokenizer
+
+METHODS = ("flare", "lora", "input-fusion", "translate-test", "zero-shot")
+MAX_NEW_TOKENS = 32  # QA answers are short spans
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="alias (llama3.1-8b, gemma2-9b, ...), Hub repo id, local folder, "
+                                                   "or 'tiny' (the CPU demo, task synth only)")
+    p.add_argument("--task", default=None, help=f"one of {', '.join(data.TASKS)} (default: xnli; synth for --model tiny)")
+    p.add_argument("--lang", default=None, help="target language code (see data.TASKS); synth: 'syn'")
+    p.add_argument("--methods", default="flare", help=f"comma-separated from {', '.join(METHODS)}")
+    p.add_argument("--fusion", default="add_relu", choices=[f for f in flare.FUSIONS])
+    p.add_argument("--source", default="normed", choices=["normed", "residual"],
+                   help="source representation: the layer's q/v input (normed) or the residual stream (the reference's)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--lr", default="2e-4", help="learning rate; several, comma-separated, to pick the best on validation")
+    p.add_argument("--stage1-lr", type=float, default=None, help="stage-1 learning rate (default: the first --lr)")
+    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per prompt (default: the task's)")
+    p.add_argument("--max-train", type=int, default=None, help="cap on training examples per stage")
+    p.add_argument("--max-eval", type=int, default=None, help="cap on validation and test examples")
+    p.add_argument("--eval-every", type=int, default=200, help="optimizer steps between validation runs")
+    p.add_argument("--save-every", type=int, default=200, help="optimizer steps between checkpoints")
+    p.add_argument("--seed", type=int, default=100)
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (fusion stays on)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype")
+    p.add_argument("--stage1", default=None, help="folder of a saved stage-1 adapter to reuse")
+    p.add_argument("--translations", default=None, help="TyDiQA: JSONL of English translations (see data.py)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<model>-<task>-<lang>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    args = p.parse_args(argv)
+
+    args.task = args.task or ("synth" if args.model == "tiny" else "xnli")
+    if args.task not in data.TASKS:
+        p.error(f"unknown task {args.task!r}; choose one of {', '.join(data.TASKS)}")
+    task = data.TASKS[args.task]
+    if args.model == "tiny" and args.task != "synth":
+        p.error("--model tiny is the CPU demo and knows only --task synth; pick a real model for other tasks")
+    if args.task == "synth" and args.model != "tiny":
+        p.error("--task synth needs --model tiny (the synthetic language is not in any real model's vocabulary)")
+    args.lang = args.lang or (task.languages[0] if len(task.languages) == 1 else None)
+    if args.lang not in task.languages:
+        p.error(f"--lang {args.lang!r} is not a target language of {args.task}; choose one of {', '.join(task.languages)}")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad or not args.methods:
+        p.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    try:
+        args.lrs = [float(x) for x in args.lr.split(",")]
+    except ValueError:
+        p.error(f"--lr {args.lr!r} is not a number or comma-separated numbers")
+    for name in ("rank", "batch_size", "grad_accum", "eval_every", "save_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.epochs <= 0 or min(args.lrs) <= 0:
+        p.error("--epochs and --lr must be positive")
+    args.max_length = args.max_length or task.max_length
+    args.out = args.out or os.path.join("runs", f"{os.path.basename(args.model.rstrip('/'))}-{args.task}-{args.lang}")
+    return args
+
+
+# ------------------------------------------------------------------------------------------ small utilities
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def lm_loss(logits, labels):
+    """Mean cross-entropy over the labelled (answer + EOS) tokens; logits at i predict token i + 1."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+class Progress:
+    """One line, rewritten in place: step, loss, learning rate, tokens per second, time left."""
+
+    def __init__(self, total, label):
+        self.total, self.label, self.start, self.tty = total, label, time.time(), sys.stderr.isatty()
+
+    def update(self, step, loss, lr, tokens_per_s):
+        done = step / self.total
+        left = (time.time() - self.start) / max(done, 1e-9) * (1 - done)
+        bar = "#" * int(20 * done)
+        line = (f"{self.label} [{bar:<20}] {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+                f"{tokens_per_s:,.0f} tok/s {int(left // 60)}:{int(left % 60):02d} left")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.tty:
+            print(file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ forward per method
+
+def batch_forward(model, batch, method, args):
+    """Logits of one batch, the way `method` sees its input (see data.make_batch for the batch layout)."""
+    source = None
+    if method == "flare" and batch.source_ids is not None:
+        source = flare.source_representations(model, batch.source_ids, batch.source_mask, args.source)
+    return model(batch.input_ids, batch.attention_mask, source=source,
+                 checkpoint=args.checkpointing and torch.is_grad_enabled())
+
+
+def make_batch(pairs, tok, task, method, device, answers=None):
+    """The batch `method` trains and evaluates on: English only (stage 1, translate-test), target only (lora,
+    zero-shot), English then target in one sequence (input-fusion), or target with the English source (flare)."""
+    b = data.make_batch(pairs, tok, task, answers=answers, source=method == "flare",
+                        input_fusion=method == "input-fusion", english_only=method in ("english", "translate-test"))
+    return dataclasses.replace(b, **{k: v.to(device) for k, v in vars(b).items() if isinstance(v, torch.Tensor)})
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+@torch.no_grad()
+def evaluate(model, tok, task, pairs, method, args, device):
+    """The task's metrics on pairs: classification by the most likely label word, QA by greedy decoding."""
+    model.eval()
+    preds = []
+    for i in range(0, len(pairs), args.batch_size):
+        chunk = pairs[i:i + args.batch_size]
+        with autocast(device, args):
+            if task.labels:  # log-likelihood of each label word (+ EOS) after the prompt
+                scores = []
+                for label in task.labels:
+                    b = make_batch(chunk, tok, task, method, device, answers=[label] * len(chunk))
+                    scores.append(data.answer_logprob(batch_forward(model, b, method, args), b.labels))
+                best = torch.stack(scores, -1).argmax(-1).tolist()
+                preds += [task.labels[j] for j in best]
+            else:  # QA: greedy, a short answer, source fused at every step past the prompt
+                b = make_batch(chunk, tok, task, method, device, answers=False)
+                source = (flare.source_representations(model, b.source_ids, b.source_mask, args.source)
+                          if method == "flare" else None)
+                new = model.generate(b.input_ids, b.attention_mask, MAX_NEW_TOKENS, tok.eos_id, source=source,
+                                     use_cache=not (method == "flare" and args.fusion in flare.POSITION_MIXING))
+                preds += [tok.decode([t for t in row if t != tok.eos_id]).strip() for row in new.tolist()]
+    return data.metrics(task, preds, [p.answer for p in pairs])
+
+
+def autocast(device, args):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
+# ------------------------------------------------------------------------------------------ training
+
+def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, folder, args, device):
+    """A plain loop over adapter `name`: AdamW, linear warmup (10%) then linear decay, gradient clipping,
+    validation every --eval-every steps with the best adapter kept, atomic checkpoints every --save-every steps
+    and on Ctrl-C. With --resume it continues from folder/checkpoint.pt to the same losses."""
+    os.makedirs(folder, exist_ok=True)
+    params = flare.adapter_parameters(model, name)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    per_epoch = math.ceil(len(train_pairs) / (args.batch_size * args.grad_accum))
+    total = max(1, round(per_epoch * args.epochs))
+    warmup = max(1, round(0.1 * total))
+    schedule = lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    step, best, best_state, log_path, ckpt_path = 0, -1.0, None, os.path.join(folder, "log.jsonl"), os.path.join(folder, "checkpoint.pt")
+
+    def save_checkpoint():
+        atomic_save({"adapter": flare.adapter_state(model, name), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "step": step, "best": best, "best_state": best_state,
+                     "rng": torch.get_rng_state()}, ckpt_path)
+
+    if args.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, weights_only=False)
+        flare.set_adapter_state(model, name, ck["adapter"], ckpt_path)
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        step, best, best_state = ck["step"], ck["best"], ck["best_state"]
+        torch.set_rng_state(ck["rng"])
+        print(f"resuming {folder} at step {step}/{total}", file=sys.stderr)
+    elif os.path.exists(log_path):
+        os.remove(log_path)
+
+    progress = Progress(total, f"{method} lr {lr:g}")
+    micro = args.batch_size
+    try:
+        while step < total:
+            epoch, k = divmod(step, per_epoch)  # the data position follows from the step: nothing else to save
+            order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(args.seed + epoch))
+            start = time.time()
+            model.train()
+            tokens, loss_sum = 0, 0.0
+            for a in range(args.grad_accum):
+                idx = order[(k * args.grad_accum + a) * micro:(k * args.grad_accum + a + 1) * micro].tolist()
+                if not idx:
+                    continue
+                b = make_batch([train_pairs[i] for i in idx], tok, task, method, device)
+                with autocast(device, args):
+                    loss = lm_loss(batch_forward(model, b, method, args), b.labels)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"{method}: the loss is {loss.item()} at step {step + 1}; stopped. The last good checkpoint "
+                        f"is {ckpt_path}. Lower --lr (now {lr:g}) or use --precision fp32, then rerun with --resume.")
+                (loss / args.grad_accum).backward()
+                tokens += int(b.attention_mask.sum())
+                loss_sum += loss.item() / args.grad_accum
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, "loss": loss_sum, "lr": opt.param_groups[0]["lr"],
+                      "tokens_per_s": tokens / (time.time() - start)}
+            if step % args.eval_every == 0 or step == total:
+                score = evaluate(model, tok, task, val_pairs, method, args, device)[task.metric]
+                record["val_" + task.metric] = score
+                if score > best:
+                    best, best_state = score, flare.adapter_state(model, name)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            progress.update(step, loss_sum, record["lr"], record["tokens_per_s"])
+            if step % args.save_every == 0 or step == total:
+                save_checkpoint()
+    except KeyboardInterrupt:
+        save_checkpoint()
+        progress.close()
+        raise SystemExit(f"\ninterrupted at step {step}; checkpoint saved. Continue with the same command and --resume.")
+    progress.close()
+    flare.set_adapter_state(model, name, best_state)  # keep the best adapter by validation
+    flare.save_adapter(model, name, os.path.join(folder, "adapter"), base_model=args.model)
+    return best
+
+
+def run_method(model, tok, task, splits, method, args, device):
+    """Trains (at each --lr, keeping the best on validation) and tests one method; returns its result row."""
+    folder = os.path.join(args.out, method)
+    if method in ("zero-shot", "translate-test"):
+        return {"method": method, **evaluate(model, tok, task, splits["test"], method, args, device)}
+    runs = []
+    for lr in args.lrs:
+        sub = folder if len(args.lrs) == 1 else os.path.join(folder, f"lr{lr:g}")
+        torch.manual_seed(args.seed)
+        flare.add_lora(model, "transfer", args.rank, args.alpha, args.dropout,
+                       fusion=args.fusion if method == "flare" else None)
+        val = train_adapter(model, tok, task, splits["train"], splits["validation"], method, "transfer", lr, sub, args, device)
+        row = {"method": method, "lr": lr, "val_" + task.metric: val,
+               **evaluate(model, tok, task, splits["test"], method, args, device)}
+        if method == "flare":  # the control: each test item gets the English source of another item
+            mismatched = [dataclasses.replace(p, source=q.source) for p, q in zip(splits["test"], splits["test"][1:] + splits["test"][:1])]
+            row["mismatched_source_" + task.metric] = evaluate(model, tok, task, mismatched, method, args, device)[task.metric]
+        flare.remove(model, "transfer")
+        runs.append(row)
+    best = max(runs, key=lambda r: r["val_" + task.metric])
+    return {**best, "runs": runs} if len(runs) > 1 else best
+
+
+# ------------------------------------------------------------------------------------------ the tiny demo model
+
+def pretrain_tiny(folder, args, device):
+    """A 4-layer Llama-architecture model, pretrained from scratch on the synthetic corpus (mostly English, a
+    little target language) and saved like a Hub checkpoint, so it loads through load_model like a real one."""
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        return
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    data.write_synth_tokenizer(folder)
+    tok = load_tokenizer(folder)
+    hf_config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": tok.tok.get_vocab_size(),
+                 "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                 "max_position_embeddings": 256, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+                 "torch_dtype": "float32"}
+    torch.manual_seed(args.seed)
+    model = Transformer(Config.from_hf(hf_config)).to(device)
+    for name, p in model.named_parameters():
+        if "norm" not in name:
+            torch.nn.init.normal_(p, std=0.02)
+    corpus = data.synth_corpus(seed=args.seed)
+    ids = [tok.encode(s) + [tok.eos_id] for s in corpus]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    steps, batch = PRETRAIN_STEPS, 64
+    progress = Progress(steps, "pretrain tiny")
+    gen = torch.Generator().manual_seed(args.seed)
+    for step in range(steps):
+        rows = [ids[i] for i in torch.randint(len(ids), (batch,), generator=gen).tolist()]
+        width = max(map(len, rows))
+        x = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        labels = x.masked_fill(mask == 0, -100)
+        for g in opt.param_groups:
+            g["lr"] = 3e-3 * min(1.0, (step + 1) / 50) * (1 - step / steps)
+        start = time.time()
+        with autocast(device, args):
+            loss = lm_loss(model(x, mask), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        progress.update(step + 1, loss.item(), opt.param_groups[0]["lr"], int(mask.sum()) / (time.time() - start))
+    progress.close()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "inv_freq"},
+              os.path.join(folder, "model.safetensors"))
+    write_json(hf_config, os.path.join(folder, "config.json"))
+
+
+PRETRAIN_STEPS = 600
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    if args.model == "tiny":
+        model_path = os.path.join(args.out, "tiny-model")
+        pretrain_tiny(model_path, args, device)
+    else:
+        model_path = args.model
+    task = dataclasses.replace(data.TASKS[args.task], max_length=args.max_length)
+    model = load_model(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+    tok = load_tokenizer(model_path)
+    load = lambda lang, split, limit: data.load_pairs(args.task, lang, split, limit=limit, seed=args.seed,
+                                                      translations=args.translations)
+    target = {s: load(args.lang, s, args.max_train if s == "train" else args.max_eval)
+              for s in ("train", "validation", "test")}
+
+    # Stage 1: the English task adapter, frozen and always on from here.
+    stage1 = args.stage1 or os.path.join(args.out, "stage1", "adapter")
+    if os.path.exists(os.path.join(stage1, "adapter.json")) and (args.stage1 or args.resume):
+        flare.load_adapter(model, stage1, name="task")
+        print(f"stage 1: reusing {stage1}", file=sys.stderr)
+    else:
+        english = {s: load("en", s, args.max_train if s == "train" else args.max_eval) for s in ("train", "validation")}
+        torch.manual_seed(args.seed)
+        flare.add_lora(model, "task", args.rank, args.alpha, args.dropout)
+        train_adapter(model, tok, task, english["train"], english["validation"], "english", "task",
+                      args.stage1_lr or args.lrs[0], os.path.join(args.out, "stage1"), args, device)
+    model.requires_grad_(False)
+
+    results_path = os.path.join(args.out, "results.json")
+    results = json.load(open(results_path)) if args.resume and os.path.exists(results_path) else {}
+    for method in args.methods:
+        if method in results:
+            print(f"{method}: done before, kept", file=sys.stderr)
+            continue
+        results[method] = run_method(model, tok, task, target, method, args, device)
+        write_json(results, results_path)
+    table = results_table(results, task, args)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return results
+
+
+def results_table(results, task, args):
+    keys = [k for k in ("accuracy", "macro_f1", "exact_match", "token_f1") if any(k in r for r in results.values())]
+    head = f"{args.task} ({args.lang}), model {args.model}, test n={args.max_eval or 'all'}\n\n"
+    lines = ["| method | lr | " + " | ".join(keys) + f" | val {task.metric} | mismatched source |",
+             "|---" * (len(keys) + 4) + "|"]
+    for name, r in results.items():
+        cells = [f"{100 * r[k]:.1f}" if k in r else "" for k in keys]
+        val, mis = r.get("val_" + task.metric), r.get("mismatched_source_" + task.metric)
+        lines.append(f"| {name} | {r.get('lr', '')} | " + " | ".join(cells) +
+                     f" | {'' if val is None else f'{100 * val:.1f}'} | {'' if mis is None else f'{100 * mis:.1f}'} |")
+    return head + "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
