@@ -351,19 +351,21 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu") -> Transfo
     missing, unexpected = set(params), []
     for path in files:
         with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                if name not in params:
-                    # Tied checkpoints may still carry lm_head.weight, older ones the RoPE buffer: both are derived.
-                    if not (name == "lm_head.weight" and config.tie_word_embeddings or name.endswith("rotary_emb.inv_freq")):
-                        unexpected.append(name)
-                    continue
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(params[name].shape):
-                    raise ValueError(f"{name} in {path} has shape {shape}, but config.json implies "
-                                     f"{tuple(params[name].shape)}: the checkpoint does not match its config.")
-                with torch.no_grad():
-                    params[name].copy_(f.get_tensor(name))
-                missing.discard(name)
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        for name, shape in shapes.items():
+            if name not in params:
+                # Tied checkpoints may still carry lm_head.weight, older ones the RoPE buffer: both are derived.
+                if not (name == "lm_head.weight" and config.tie_word_embeddings or name.endswith("rotary_emb.inv_freq")):
+                    unexpected.append(name)
+                continue
+            if shape != tuple(params[name].shape):
+                raise ValueError(f"{name} in {path} has shape {shape}, but config.json implies "
+                                 f"{tuple(params[name].shape)}: the checkpoint does not match its config.")
+            # The file is opened per tensor: safe_open memory-maps it, and the pages read stay resident until it is
+            # closed, which would hold a second copy of a one-file checkpoint next to the weights.
+            with torch.no_grad(), safe_open(path, framework="pt") as f:
+                params[name].copy_(f.get_tensor(name))
+            missing.discard(name)
     if unexpected or missing:
         raise ValueError(f"checkpoint {folder} does not match the {config_path} architecture: "
                          f"missing tensors {sorted(missing)[:10]}, unexpected tensors {sorted(unexpected)[:10]}"
