@@ -83,15 +83,19 @@ class LoRA(nn.Module):
         y = self.base(x)
         if not self.enabled or self.merged:
             return y
-        t = self.lora_A(self.dropout(x))                                 # (B, L, r)
+        # Dropout only while this adapter trains: a frozen stage-1 adapter acts as if merged.
+        drop = self.dropout if self.lora_A.weight.requires_grad else nn.Identity()
+        t = self.lora_A(drop(x))                                         # (B, L, r)
         if source is None or self.fusion is None:
             return y + self.scale * self.lora_B(t)
         rows, real = source                                              # (B, <=L, d), (B, L)
-        s = self.lora_A(self.dropout(rows))
+        s = self.lora_A(drop(rows))
         s = torch.cat([s, s[:, -1:].expand(-1, t.shape[1] - s.shape[1], -1)], 1)  # past the prompt: last position
-        L = t.shape[1]
-        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-        allowed = (causal & real[:, None, :].bool()) | torch.eye(L, dtype=torch.bool, device=x.device)
+        allowed = None
+        if self.fusion in POSITION_MIXING:  # (B, L, L): earlier real positions, and itself
+            L = t.shape[1]
+            causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            allowed = (causal & real[:, None, :].bool()) | torch.eye(L, dtype=torch.bool, device=x.device)
         phi = self.cross if self.cross is not None else FUSIONS[self.fusion]
         return y + self.scale * self.lora_B(phi(s, t, allowed))
 

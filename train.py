@@ -29,6 +29,10 @@ from model import Config, Transformer, load_model, load_tokenizer
 
 METHODS = ("flare", "lora", "input-fusion", "translate-test", "zero-shot")
 MAX_NEW_TOKENS = 32  # QA answers are short spans
+DEFAULTS = {"methods": "flare", "lr": "2e-4", "epochs": 3, "eval_every": 200}
+# The CPU demo: 256 target examples, rates fixed in advance by the sweep in the README (--lr 2.5e-3,5e-3,1e-2).
+DEMO = {"methods": "lora,flare,zero-shot,translate-test", "lr": "5e-3", "epochs": 2, "eval_every": 8,
+        "max_train": 256, "stage1_max_train": 2000, "max_eval": 500}
 
 
 def parse_args(argv=None):
@@ -37,31 +41,38 @@ def parse_args(argv=None):
                                                    "or 'tiny' (the CPU demo, task synth only)")
     p.add_argument("--task", default=None, help=f"one of {', '.join(data.TASKS)} (default: xnli; synth for --model tiny)")
     p.add_argument("--lang", default=None, help="target language code (see data.TASKS); synth: 'syn'")
-    p.add_argument("--methods", default="flare", help=f"comma-separated from {', '.join(METHODS)}")
+    p.add_argument("--methods", default=None, help=f"comma-separated from {', '.join(METHODS)} (default: flare; "
+                                                    f"the demo: {DEMO['methods']})")
     p.add_argument("--fusion", default="add_relu", choices=[f for f in flare.FUSIONS])
     p.add_argument("--source", default="normed", choices=["normed", "residual"],
                    help="source representation: the layer's q/v input (normed) or the residual stream (the reference's)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--lr", default="2e-4", help="learning rate; several, comma-separated, to pick the best on validation")
+    p.add_argument("--lr", default=None, help="learning rate (default 2e-4; the demo 5e-3); several, comma-separated, "
+                                             "to train each method at each and keep the best on validation")
     p.add_argument("--stage1-lr", type=float, default=None, help="stage-1 learning rate (default: the first --lr)")
-    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--epochs", type=float, default=None, help="default 3 (the demo: 2)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--max-length", type=int, default=None, help="tokens per prompt (default: the task's)")
-    p.add_argument("--max-train", type=int, default=None, help="cap on training examples per stage")
+    p.add_argument("--max-train", type=int, default=None, help="cap on target-language training examples")
+    p.add_argument("--stage1-max-train", type=int, default=None, help="cap on English (stage-1) training examples")
     p.add_argument("--max-eval", type=int, default=None, help="cap on validation and test examples")
-    p.add_argument("--eval-every", type=int, default=200, help="optimizer steps between validation runs")
+    p.add_argument("--eval-every", type=int, default=None, help="optimizer steps between validation runs (default 200)")
     p.add_argument("--save-every", type=int, default=200, help="optimizer steps between checkpoints")
     p.add_argument("--seed", type=int, default=100)
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (fusion stays on)")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU (most CPUs lack bf16 units: 5-10x slower)")
     p.add_argument("--stage1", default=None, help="folder of a saved stage-1 adapter to reuse")
     p.add_argument("--translations", default=None, help="TyDiQA: JSONL of English translations (see data.py)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<model>-<task>-<lang>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     args = p.parse_args(argv)
+    for name, value in (DEMO if args.model == "tiny" else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
     args.task = args.task or ("synth" if args.model == "tiny" else "xnli")
     if args.task not in data.TASKS:
@@ -179,7 +190,8 @@ def evaluate(model, tok, task, pairs, method, args, device):
 
 
 def autocast(device, args):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    bf16 = args.precision == "bf16" or args.precision == "auto" and device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -336,7 +348,7 @@ def pretrain_tiny(folder, args, device):
     write_json(hf_config, os.path.join(folder, "config.json"))
 
 
-PRETRAIN_STEPS = 600
+PRETRAIN_STEPS = 300
 
 
 # ------------------------------------------------------------------------------------------ the pipeline
@@ -365,7 +377,7 @@ def main(argv=None):
         flare.load_adapter(model, stage1, name="task")
         print(f"stage 1: reusing {stage1}", file=sys.stderr)
     else:
-        english = {s: load("en", s, args.max_train if s == "train" else args.max_eval) for s in ("train", "validation")}
+        english = {s: load("en", s, args.stage1_max_train if s == "train" else args.max_eval) for s in ("train", "validation")}
         torch.manual_seed(args.seed)
         flare.add_lora(model, "task", args.rank, args.alpha, args.dropout)
         train_adapter(model, tok, task, english["train"], english["validation"], "english", "task",
