@@ -37,10 +37,10 @@ DEMO = {"methods": "lora,flare,zero-shot,translate-test", "lr": "5e-3", "epochs"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="alias (llama3.1-8b, gemma2-9b, ...), Hub repo id, local folder, "
-                                                   "or 'tiny' (the CPU demo, task synth only)")
+    p.add_argument("--model", default=None, help="alias (llama3.1-8b, gemma2-9b, ...), Hub repo id, local folder, or "
+                   "'tiny' (the CPU demo, task synth only); default: llama3.1-8b with a CUDA GPU, else tiny")
     p.add_argument("--task", default=None, help=f"one of {', '.join(data.TASKS)} (default: xnli; synth for --model tiny)")
-    p.add_argument("--lang", default=None, help="target language code (see data.TASKS); synth: 'syn'")
+    p.add_argument("--lang", default=None, help="target language code (see data.TASKS; default sw for xnli)")
     p.add_argument("--methods", default=None, help=f"comma-separated from {', '.join(METHODS)} (default: flare; "
                                                     f"the demo: {DEMO['methods']})")
     p.add_argument("--fusion", default="add_relu", choices=[f for f in flare.FUSIONS])
@@ -70,6 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default: runs/<model>-<task>-<lang>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     args = p.parse_args(argv)
+    if args.model is None:
+        args.model = "llama3.1-8b" if torch.cuda.is_available() else "tiny"
+        print(f"--model {args.model} ({'a CUDA GPU is' if args.model != 'tiny' else 'no CUDA GPU:'} "
+              f"{'here' if args.model != 'tiny' else 'the CPU demo'})", file=sys.stderr)
     for name, value in (DEMO if args.model == "tiny" else DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -82,7 +86,7 @@ def parse_args(argv=None):
         p.error("--model tiny is the CPU demo and knows only --task synth; pick a real model for other tasks")
     if args.task == "synth" and args.model != "tiny":
         p.error("--task synth needs --model tiny (the synthetic language is not in any real model's vocabulary)")
-    args.lang = args.lang or (task.languages[0] if len(task.languages) == 1 else None)
+    args.lang = args.lang or (task.languages[0] if len(task.languages) == 1 else "sw" if args.task == "xnli" else None)
     if args.lang not in task.languages:
         p.error(f"--lang {args.lang!r} is not a target language of {args.task}; choose one of {', '.join(task.languages)}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
