@@ -417,8 +417,7 @@ def synth_pairs(lang: str, split: str, *, n: int | None = None, seed: int = 100,
         english = _render(clauses, conjs, "en")
         if _synth_split(english) != split:
             continue
-        polar = next(c for c in clauses if c.get("adj") in W["good"] + W["bad"])
-        answer = "positive" if (polar["adj"] in W["good"]) != polar["neg"] else "negative"
+        answer = _sentiment(clauses)
         if lang == "en":
             target, source = english, english
         elif split == "train":
@@ -429,13 +428,28 @@ def synth_pairs(lang: str, split: str, *, n: int | None = None, seed: int = 100,
     return pairs
 
 
-def synth_corpus(n: int = 20000, *, target_share: float = 0.05, seed: int = 100) -> list[str]:
-    """Pretraining text: n reviews from the train bucket only, a `target_share` of them in syn, the rest English."""
+def _sentiment(clauses: list[dict]) -> str:
+    polar = next(c for c in clauses if c.get("adj") in W["good"] + W["bad"])
+    return "positive" if (polar["adj"] in W["good"]) != polar["neg"] else "negative"
+
+
+def synth_corpus(n: int = 20000, *, target_share: float = 0.05, labelled_share: float = 0.1,
+                 seed: int = 100) -> list[str]:
+    """Pretraining text: n reviews from the train bucket only, a `target_share` of them in syn, the rest English;
+    a `labelled_share` of the English ones carry their label in the task's format ("...\nSentiment: positive"), as
+    web text does for a real model: without it the label words are never seen, and their output embeddings stay at
+    their random initialisation, which a LoRA adapter over a frozen lm_head cannot use."""
     rng, lines = random.Random(f"flare-synth-corpus/{seed}"), []
     while len(lines) < n:
         clauses, conjs = _review(rng)
-        if _synth_split(_render(clauses, conjs, "en")) == "train":
-            lines.append(_render(clauses, conjs, "syn" if rng.random() < target_share else "en"))
+        if _synth_split(_render(clauses, conjs, "en")) != "train":
+            continue
+        if rng.random() < target_share:
+            lines.append(_render(clauses, conjs, "syn"))
+        elif rng.random() < labelled_share:
+            lines.append(TASKS["synth"].render({"text": _render(clauses, conjs, "en")}) + _sentiment(clauses))
+        else:
+            lines.append(_render(clauses, conjs, "en"))
     return lines
 
 

@@ -220,11 +220,14 @@ def test_synth_languages_share_only_the_anchor_words():
     assert sum(len(p.target["text"].split()) for p in target) > 1.3 * sum(len(p.source["text"].split()) for p in target)
 
 
-def test_synth_corpus_is_mostly_english():
-    corpus = data.synth_corpus(4000, target_share=0.05, seed=0)
-    english_words = {w for words in data.W.values() for w in words} | {"not", "."}
+def test_synth_corpus_is_mostly_english_with_some_labelled_reviews():
+    corpus = data.synth_corpus(4000, target_share=0.05, labelled_share=0.1, seed=0)
+    english_words = {w for words in data.W.values() for w in words} | {"not", ".", "Sentiment:", "positive", "negative"}
     share = sum(not set(line.split()) <= english_words for line in corpus) / len(corpus)
     assert 0.03 < share < 0.07
+    labelled = [line for line in corpus if "\nSentiment: " in line]
+    assert 0.07 < len(labelled) / len(corpus) < 0.12
+    assert all(line.endswith(("positive", "negative")) for line in labelled)
 
 
 def test_synth_tokenizer_loads_like_a_hub_tokenizer_and_knows_every_word(tmp_path):
