@@ -216,8 +216,8 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
 
     def save_checkpoint():
         atomic_save({"adapter": flare.adapter_state(model, name), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "step": step, "best": best, "best_state": best_state,
-                     "rng": torch.get_rng_state()}, ckpt_path)
+                     "scheduler": sched.state_dict(), "step": step, "best": best, "best_state": best_state},
+                    ckpt_path)
 
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=False)
@@ -225,7 +225,11 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         step, best, best_state = ck["step"], ck["best"], ck["best_state"]
-        torch.set_rng_state(ck["rng"])
+        if os.path.exists(log_path):  # a crash leaves steps after the checkpoint in the log: they run again
+            with open(log_path) as f:
+                kept = f.readlines()[:step]
+            with open(log_path, "w") as f:
+                f.writelines(kept)
         print(f"resuming {folder} at step {step}/{total}", file=sys.stderr)
     elif os.path.exists(log_path):
         os.remove(log_path)
@@ -234,8 +238,10 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
     micro = args.batch_size
     try:
         while step < total:
-            epoch, k = divmod(step, per_epoch)  # the data position follows from the step: nothing else to save
+            # The data order and dropout's random state (on every device) follow from the step: nothing to save.
+            epoch, k = divmod(step, per_epoch)
             order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(args.seed + epoch))
+            torch.manual_seed(args.seed * 1_000_003 + step)
             start = time.time()
             model.train()
             tokens, loss_sum = 0, 0.0
@@ -263,8 +269,8 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
             if step % args.eval_every == 0 or step == total:
                 score = evaluate(model, tok, task, val_pairs, method, args, device)[task.metric]
                 record["val_" + task.metric] = score
-                if score > best:
-                    best, best_state = score, flare.adapter_state(model, name)
+                if score > best:  # a copy: on the CPU adapter_state's tensors are the parameters themselves
+                    best, best_state = score, {k: v.clone() for k, v in flare.adapter_state(model, name).items()}
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             progress.update(step, loss_sum, record["lr"], record["tokens_per_s"])
