@@ -433,7 +433,7 @@ def _sentiment(clauses: list[dict]) -> str:
     return "positive" if (polar["adj"] in W["good"]) != polar["neg"] else "negative"
 
 
-def synth_corpus(n: int = 20000, *, target_share: float = 0.05, labelled_share: float = 0.1,
+def synth_corpus(n: int = 20000, *, target_share: float = 0.05, labelled_share: float = 0.5,
                  seed: int = 100) -> list[str]:
     """Pretraining text: n reviews from the train bucket only, a `target_share` of them in syn, the rest English;
     a `labelled_share` of the English ones carry their label in the task's format ("...\nSentiment: positive"), as
