@@ -211,7 +211,8 @@ def adapter_config(model, name):
 
 
 def adapter_state(model, name):
-    return {f"{path}.{n}": p.detach().cpu().contiguous() for path, m in adapters(model, name)
+    """A copy of adapter `name`'s tensors on the CPU, named by the linear they adapt."""
+    return {f"{path}.{n}": p.detach().to("cpu", copy=True) for path, m in adapters(model, name)
             for n, p in m.named_parameters() if not n.startswith("base.")}
 
 

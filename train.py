@@ -9,8 +9,9 @@ Methods (--methods, comma-separated, sharing one stage-1 run):
     input-fusion    a fresh plain LoRA on "English input, then target input" as one sequence
     translate-test  the stage-1 model on the English translation of the test set
     zero-shot       the stage-1 model on the target test set
-Everything lands in --out: the stage-1 adapter, one folder per method (log.jsonl, checkpoint, best adapter,
-result.json), results.json and results.md.
+Everything lands in --out: the stage-1 adapter, one folder per method (log.jsonl, checkpoint.pt, the best
+adapter), results.json and results.md. TyDiQA without --translations is first translated into English by the model
+itself (few-shot, greedy), cached in --out/translations-<lang>.jsonl.
 """
 import argparse
 import dataclasses
@@ -193,6 +194,17 @@ def evaluate(model, tok, task, pairs, method, args, device):
     return data.metrics(task, preds, [p.answer for p in pairs])
 
 
+def generate_text(model, tok, prompts, max_new_tokens, args, device):
+    """Greedy continuations of a list of prompts, each cut at its first line break."""
+    ids = [tok.encode(p) for p in prompts]
+    P = max(map(len, ids))
+    x = torch.tensor([[tok.pad_id] * (P - len(i)) + i for i in ids], device=device)
+    mask = torch.tensor([[0] * (P - len(i)) + [1] * len(i) for i in ids], device=device)
+    with autocast(device, args):
+        new = model.generate(x, mask, max_new_tokens, tok.eos_id)
+    return [tok.decode([t for t in row if t != tok.eos_id]).strip().split("\n")[0] for row in new.tolist()]
+
+
 def autocast(device, args):
     bf16 = args.precision == "bf16" or args.precision == "auto" and device.type == "cuda"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -231,8 +243,10 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
             with open(log_path, "w") as f:
                 f.writelines(kept)
         print(f"resuming {folder} at step {step}/{total}", file=sys.stderr)
-    elif os.path.exists(log_path):
-        os.remove(log_path)
+    else:  # a fresh run: nothing of an earlier one in this folder may be resumed or appended to
+        for stale in (log_path, ckpt_path):
+            if os.path.exists(stale):
+                os.remove(stale)
 
     progress = Progress(total, f"{method} lr {lr:g}")
     micro = args.batch_size
@@ -270,7 +284,7 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
                 score = evaluate(model, tok, task, val_pairs, method, args, device)[task.metric]
                 record["val_" + task.metric] = score
                 if score > best:  # a copy: on the CPU adapter_state's tensors are the parameters themselves
-                    best, best_state = score, {k: v.clone() for k, v in flare.adapter_state(model, name).items()}
+                    best, best_state = score, flare.adapter_state(model, name)
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             progress.update(step, loss_sum, record["lr"], record["tokens_per_s"])
@@ -378,6 +392,14 @@ def main(argv=None):
     task = dataclasses.replace(data.TASKS[args.task], max_length=args.max_length)
     model = load_model(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
     tok = load_tokenizer(model_path)
+    if args.task == "tydiqa" and args.translations is None:  # not parallel: the base model translates it first
+        args.translations = os.path.join(args.out, f"translations-{args.lang}.jsonl")
+        for split in ("train", "validation", "test"):
+            lost = data.translate_tydiqa(args.lang, split, lambda prompts, n: generate_text(model, tok, prompts, n, args, device),
+                                         args.translations, limit=args.max_train if split == "train" else args.max_eval,
+                                         seed=args.seed)
+            print(f"tydiqa {args.lang} {split}: translated into {args.translations}; {lost} items lost their answer "
+                  f"and are left out", file=sys.stderr)
     load = lambda lang, split, limit: data.load_pairs(args.task, lang, split, limit=limit, seed=args.seed,
                                                       translations=args.translations)
     target = {s: load(args.lang, s, args.max_train if s == "train" else args.max_eval)
