@@ -219,7 +219,8 @@ class Transformer(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
 
-    def forward(self, input_ids, attention_mask=None, source=None, cache=None, checkpoint=False, layer_inputs=None):
+    def forward(self, input_ids, attention_mask=None, source=None, cache=None, checkpoint=False, layer_inputs=None,
+                last_only=False):
         """Logits (B, T, vocab) in fp32.
 
         attention_mask: (B, S) with 1 for real tokens and 0 for (left) padding; S = T, or with a cache, every
@@ -231,6 +232,8 @@ class Transformer(nn.Module):
             an argument, so it is fused in the recomputation too.
         layer_inputs: "normed" or "residual": return each layer's input (after or before input_layernorm)
             instead of logits; this is the source pass (flare.source_representations).
+        last_only: logits of the last position only, (B, 1, vocab): all that greedy decoding needs (the lm_head
+            over a whole prompt of P tokens costs as much as the lm_heads of P decoding steps).
         """
         c, (B, T) = self.config, input_ids.shape
         start = cache.length if cache is not None else 0
@@ -265,7 +268,7 @@ class Transformer(nn.Module):
             cache.length += T
         if layer_inputs is not None:
             return reps
-        h = self.model.norm(h)
+        h = self.model.norm(h[:, -1:] if last_only else h)
         logits = (self.lm_head(h) if self.lm_head is not None else h @ self.model.embed_tokens.weight.T).float()
         if c.final_softcap:
             logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
@@ -284,7 +287,7 @@ class Transformer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         tokens, mask, out = input_ids, attention_mask, []
         for _ in range(max_new_tokens):
-            next_token = self(tokens, mask, source=source, cache=cache)[:, -1].argmax(-1)
+            next_token = self(tokens, mask, source=source, cache=cache, last_only=True)[:, -1].argmax(-1)
             next_token = torch.where(done, eos[0], next_token)
             out.append(next_token)
             done |= torch.isin(next_token, eos)
@@ -344,8 +347,8 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu") -> Transfo
         config = Config.from_hf(json.load(f))
     files = checkpoint_files(folder)
     with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to_empty(device=device).to(dtype)  # uninitialised: every value comes from the checkpoint
+        model = Transformer(config).to(dtype)  # the dtype is set on meta tensors: nothing allocated, nothing converted
+    model = model.to_empty(device=device)  # uninitialised: every value comes from the checkpoint
     model.inv_freq = rope_frequencies(config).to(device)  # a computed buffer, not in the checkpoint, kept in fp32
     params = dict(model.named_parameters())
     missing, unexpected = set(params), []
