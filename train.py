@@ -267,9 +267,11 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
                 with autocast(device, args):
                     loss = lm_loss(batch_forward(model, b, method, args), b.labels)
                 if not torch.isfinite(loss):
+                    kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else \
+                        f"no checkpoint was saved yet (--save-every {args.save_every})"
                     raise FloatingPointError(
-                        f"{method}: the loss is {loss.item()} at step {step + 1}; stopped. The last good checkpoint "
-                        f"is {ckpt_path}. Lower --lr (now {lr:g}) or use --precision fp32, then rerun with --resume.")
+                        f"{method}: the loss is {loss.item()} at step {step + 1}; stopped, {kept}. Lower --lr "
+                        f"(now {lr:g}) or use --precision fp32, then rerun with --resume.")
                 (loss / args.grad_accum).backward()
                 tokens += int(b.attention_mask.sum())
                 loss_sum += loss.item() / args.grad_accum
@@ -283,7 +285,7 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
             if step % args.eval_every == 0 or step == total:
                 score = evaluate(model, tok, task, val_pairs, method, args, device)[task.metric]
                 record["val_" + task.metric] = score
-                if score > best:  # a copy: on the CPU adapter_state's tensors are the parameters themselves
+                if score > best:
                     best, best_state = score, flare.adapter_state(model, name)
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
