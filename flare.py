@@ -179,8 +179,11 @@ def source_representations(model, source_ids, source_mask, kind="normed"):
         for name in fused:
             stack.enter_context(disabled(model, name))
         reps = model(source_ids, source_mask, layer_inputs=kind)
+    # Stored in the dtype the adapters compute in (bf16 under autocast): held once, not once more as autocast's copy.
+    device = source_ids.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else reps[0].dtype
     keep = source_mask[..., None].to(reps[0].dtype)
-    return [r * keep for r in reps]
+    return [(r * keep).to(dtype) for r in reps]
 
 
 def merge(model, name):
