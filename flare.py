@@ -86,8 +86,9 @@ class LoRA(nn.Module):
         # Dropout only while this adapter trains: a frozen stage-1 adapter acts as if merged.
         drop = self.dropout if self.lora_A.weight.requires_grad else nn.Identity()
         t = self.lora_A(drop(x))                                         # (B, L, r)
+        # The scale multiplies the r-dim bottleneck, not the d_out-dim output: the same product, far less work.
         if source is None or self.fusion is None:
-            return y + self.scale * self.lora_B(t)
+            return y + self.lora_B(self.scale * t)
         rows, real = source                                              # (B, <=L, d), (B, L)
         s = self.lora_A(drop(rows))
         s = torch.cat([s, s[:, -1:].expand(-1, t.shape[1] - s.shape[1], -1)], 1)  # past the prompt: last position
@@ -97,7 +98,7 @@ class LoRA(nn.Module):
             causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
             allowed = (causal & real[:, None, :].bool()) | torch.eye(L, dtype=torch.bool, device=x.device)
         phi = self.cross if self.cross is not None else FUSIONS[self.fusion]
-        return y + self.scale * self.lora_B(phi(s, t, allowed))
+        return y + self.lora_B(self.scale * phi(s, t, allowed))
 
     def delta_weight(self):
         return self.scale * self.lora_B.weight @ self.lora_A.weight     # (out, in)
