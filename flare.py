@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from model import compute_dtype
+
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("q_proj", "v_proj")  # the paper fuses in the query and value adapters only
 
@@ -181,10 +183,8 @@ def source_representations(model, source_ids, source_mask, kind="normed"):
             stack.enter_context(disabled(model, name))
         reps = model(source_ids, source_mask, layer_inputs=kind)
     # Stored in the dtype the adapters compute in (bf16 under autocast): held once, not once more as autocast's copy.
-    device = source_ids.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else reps[0].dtype
     keep = source_mask[..., None].to(reps[0].dtype)
-    return [(r * keep).to(dtype) for r in reps]
+    return [(r * keep).to(compute_dtype(r)) for r in reps]
 
 
 def merge(model, name):

@@ -121,6 +121,12 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def compute_dtype(x: torch.Tensor):
+    """The dtype activations are computed in: autocast's where it is on, else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 def call_fused(linear, x, source):
     """q_proj and v_proj take the FLARE source representation when there is one (flare.FusedLoRA)."""
     return linear(x) if source is None else linear(x, source)
@@ -246,8 +252,7 @@ class Transformer(nn.Module):
         h = self.model.embed_tokens(input_ids)
         if c.embed_scale:
             h = h * torch.tensor(c.hidden_size ** 0.5, dtype=h.dtype)  # the constant rounded to the activation dtype
-        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos().to(compute_dtype(h)), emb.sin().to(compute_dtype(h))
         # Boolean masks (B, 1, T, S): causal, no padded keys; every query sees itself, so padded rows stay finite.
         q_idx = torch.arange(start, start + T, device=h.device)[:, None]
         k_idx = torch.arange(start + T, device=h.device)[None, :]
@@ -280,8 +285,7 @@ class Transformer(nn.Module):
         has produced EOS is continued with EOS. use_cache=False recomputes the whole sequence at every step, which
         FLARE's position-mixing fusions need (they mix over all earlier positions, which a cache does not keep)."""
         B, P = input_ids.shape
-        dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled(input_ids.device.type) \
-            else self.model.embed_tokens.weight.dtype
+        dtype = compute_dtype(self.model.embed_tokens.weight)
         cache = KVCache(self.config, B, P + max_new_tokens, dtype, input_ids.device) if use_cache else None
         eos = torch.tensor(eos_id, device=input_ids.device).flatten()
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
