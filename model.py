@@ -321,7 +321,7 @@ def resolve(name_or_path: str) -> str:
                                  ignore_patterns=["original/*"])
     except GatedRepoError as e:
         raise PermissionError(f"{repo} is gated: accept its licence on https://huggingface.co/{repo} and log in with "
-                              f"a token that has access (`huggingface-cli login` or HF_TOKEN=...).") from e
+                              f"a token that has access (`hf auth login` or HF_TOKEN=...).") from e
     except RepositoryNotFoundError as e:
         raise ValueError(f"{repo} was not found on the Hub (or is private): check the name, or pass one of "
                          f"{', '.join(ALIASES)} or a local folder.") from e
