@@ -8,8 +8,9 @@ Downloads go through huggingface_hub at a pinned revision into the usual Hub cac
 tests replace), and small readers below parse each dataset's own file format:
   facebook/xnli                    {lang}/{split}-00000-of-00001.parquet   premise, hypothesis, label (0 entailment,
                                    1 neutral, 2 contradiction); row i of a language folder is row i of "en".
-  indonlp/NusaX-senti              data/{lang}/{train,valid,test}.csv      id, text, label (a word); parallel by id
-                                   with the English folder "eng" (this layout on the Hub is unverified, see HUB).
+  indonlp/NusaX-senti              {lang}/nusa_x-senti-{split}.parquet     id, text, lang, label (0 negative, 1 neutral,
+                                   2 positive); parallel by id with the English folder "eng". These are the Hub's
+                                   parquet conversion (refs/convert/parquet): the main branch holds a loading script.
   google-research-datasets/tydiqa  secondary_task/{train,validation}-00000-of-00001.parquet   id ("swahili-..."),
                                    title, context, question, answers {text: [...], answer_start: [...]}.
 TyDiQA-GoldP has no test split: "test" is the validation file, and "validation" is the tenth of the train file whose
@@ -21,7 +22,6 @@ TyDiQA translations file (JSONL, one object per line, keyed by item id, any spli
 writes this file with the loaded model; load_pairs drops (and counts) the items whose answer is "" or not in context.
 """
 
-import csv
 import json
 import os
 import random
@@ -82,9 +82,7 @@ class Pair:
 
 HUB = {  # task: (dataset repo, pinned revision)
     "xnli": ("facebook/xnli", "b8dd5d7af51114dbda02c0e3f6133f332186418e"),  # "Convert dataset to Parquet (#10)"
-    # Not verified: this CSV layout on the Hub's main branch (the CSV format itself matches the IndoNLP/nusax GitHub
-    # release) and its commit hash; pin "main" to a commit once checked with huggingface_hub.list_repo_files.
-    "nusax": ("indonlp/NusaX-senti", "main"),
+    "nusax": ("indonlp/NusaX-senti", "bfe4c9714f3d45020c9bf31719fce014c48b2c87"),  # a refs/convert/parquet commit
     "tydiqa": ("google-research-datasets/tydiqa", "da78f23f9119363459acbaf46bf89426ff26c259"),  # Parquet (#3)
 }
 TYDIQA_LANGUAGES = {"ar": "arabic", "bn": "bengali", "fi": "finnish", "id": "indonesian", "ko": "korean",
@@ -105,20 +103,6 @@ def _read_parquet(path: str, columns: tuple[str, ...]) -> list[dict]:
     return table.select(list(columns)).to_pylist()
 
 
-def _read_csv(path: str, columns: tuple[str, ...]) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or any(c not in reader.fieldnames for c in columns):
-            raise ValueError(f"{path}:1: expected a header with columns {list(columns)}, got {reader.fieldnames}.")
-        rows = []
-        for row in reader:
-            if None in row or None in row.values():  # more or fewer fields than the header
-                raise ValueError(f"{path}:{reader.line_num}: malformed line, expected {len(reader.fieldnames)} "
-                                 f"comma-separated fields ({', '.join(reader.fieldnames)}); fix or re-download it.")
-            rows.append(row)
-    return rows
-
-
 def _xnli(lang: str, split: str, cache_dir: str | None) -> list[dict]:
     path = _download("xnli", f"{lang}/{split}-00000-of-00001.parquet", cache_dir)
     rows = _read_parquet(path, ("premise", "hypothesis", "label"))
@@ -131,14 +115,13 @@ def _xnli(lang: str, split: str, cache_dir: str | None) -> list[dict]:
 
 
 def _nusax(lang: str, split: str, cache_dir: str | None) -> list[dict]:
-    filename = f"data/{'eng' if lang == 'en' else lang}/{'valid' if split == 'validation' else split}.csv"
-    path = _download("nusax", filename, cache_dir)
-    items = [{"id": r["id"], "text": r["text"], "answer": r["label"]} for r in _read_csv(path, ("id", "text", "label"))]
-    for item in items:
-        if item["answer"] not in TASKS["nusax"].labels:
-            raise ValueError(f"{path}: item {item['id']} has label {item['answer']!r}, expected one of "
-                             f"{TASKS['nusax'].labels}.")
-    return items
+    path = _download("nusax", f"{'eng' if lang == 'en' else lang}/nusa_x-senti-{split}.parquet", cache_dir)
+    labels = TASKS["nusax"].labels
+    rows = _read_parquet(path, ("id", "text", "label"))
+    for r in rows:
+        if r["label"] not in range(len(labels)):
+            raise ValueError(f"{path}: item {r['id']} has label {r['label']}, expected 0, 1 or 2 ({', '.join(labels)}).")
+    return [{"id": str(r["id"]), "text": r["text"], "answer": labels[r["label"]]} for r in rows]
 
 
 def _tydiqa(lang: str, split: str, cache_dir: str | None) -> list[dict]:

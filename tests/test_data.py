@@ -328,11 +328,12 @@ def test_malformed_translations_line_names_file_and_line(tmp_path):
         data.load_pairs("tydiqa", "sw", "test", translations=str(path))
 
 
-def test_malformed_csv_line_names_file_and_line(tmp_path, monkeypatch):
-    path = tmp_path / "train.csv"
-    path.write_text('id,text,label\n1,"fine, quoted",positive\n2,too,many,fields\n')
+def test_nusax_label_outside_the_three_classes_names_file_and_item(tmp_path, monkeypatch):
+    import pyarrow as pa, pyarrow.parquet as pq
+    path = tmp_path / "nusa_x-senti-train.parquet"
+    pq.write_table(pa.table({"id": ["7"], "text": ["t"], "lang": ["ind"], "label": [3]}), path)
     monkeypatch.setattr(data, "_download", lambda task, filename, cache_dir: str(path))
-    with pytest.raises(ValueError, match=f"{path}:3: malformed line"):
+    with pytest.raises(ValueError, match=f"{path}: item 7 has label 3, expected 0, 1 or 2"):
         data.load_pairs("nusax", "ind", "train")
 
 
