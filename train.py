@@ -133,13 +133,14 @@ def lm_loss(logits, labels):
 class Progress:
     """One line, rewritten in place: step, loss, learning rate, tokens per second, time left."""
 
-    def __init__(self, total, label):
-        self.total, self.label, self.start, self.tty = total, label, time.time(), sys.stderr.isatty()
+    def __init__(self, total, label, first_step=0):
+        self.total, self.label, self.first_step = total, label, first_step  # first_step: where a resumed run starts
+        self.start, self.tty = time.time(), sys.stderr.isatty()
 
     def update(self, step, loss, lr, tokens_per_s):
-        done = step / self.total
-        left = (time.time() - self.start) / max(done, 1e-9) * (1 - done)
-        bar = "#" * int(20 * done)
+        per_step = (time.time() - self.start) / max(step - self.first_step, 1)  # this session's pace
+        left = per_step * (self.total - step)
+        bar = "#" * int(20 * step / self.total)
         line = (f"{self.label} [{bar:<20}] {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
                 f"{tokens_per_s:,.0f} tok/s {int(left // 60)}:{int(left % 60):02d} left")
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
@@ -249,7 +250,7 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
             if os.path.exists(stale):
                 os.remove(stale)
 
-    progress = Progress(total, f"{method} lr {lr:g}")
+    progress = Progress(total, f"{method} lr {lr:g}", first_step=step)
     micro = args.batch_size
     try:
         while step < total:
