@@ -234,7 +234,11 @@ def load_adapter(model, folder, name=None):
         cfg = json.load(f)
     name = name or cfg["name"]
     add_lora(model, name, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["fusion"], tuple(cfg["targets"]))
-    set_adapter_state(model, name, load_file(os.path.join(folder, "adapter.safetensors")), folder)
+    try:
+        set_adapter_state(model, name, load_file(os.path.join(folder, "adapter.safetensors")), folder)
+    except Exception:
+        remove(model, name)  # a file that does not fit leaves the model as it was
+        raise
     return cfg
 
 

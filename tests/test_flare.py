@@ -342,8 +342,10 @@ def test_an_adapter_of_another_model_does_not_load(llama, tmp_path, other, messa
     donor = load_model(save_tiny(tiny_hf_model("llama", **other), tmp_path / "other"), dtype=torch.float32)
     flare.add_lora(donor, "task")
     flare.save_adapter(donor, "task", tmp_path / "task")
+    model = load_model(llama, dtype=torch.float32)
     with pytest.raises(ValueError, match=message):
-        flare.load_adapter(load_model(llama, dtype=torch.float32), tmp_path / "task")
+        flare.load_adapter(model, tmp_path / "task")
+    assert not any(isinstance(m, flare.LoRA) for m in model.modules())  # the failed load left no empty adapter
 
 
 @pytest.mark.parametrize("fusion", [None, "add_relu"])
