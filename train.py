@@ -299,6 +299,9 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
         progress.close()
         raise SystemExit(f"\ninterrupted at step {step}; checkpoint saved. Continue with the same command and --resume.")
     progress.close()
+    if best_state is None:  # a Ctrl-C stopped the only validation, at the last step: it runs now
+        best, best_state = evaluate(model, tok, task, val_pairs, method, args, device)[task.metric], \
+            flare.adapter_state(model, name)
     flare.set_adapter_state(model, name, best_state)  # keep the best adapter by validation
     flare.save_adapter(model, name, os.path.join(folder, "adapter"), base_model=args.model)
     return best
