@@ -128,46 +128,30 @@ def training_setup(folder, s, device, dtype):
     ones = torch.ones_like(target)
     both = torch.cat([source, target], 1)                 # input fusion: English then target, one sequence
 
-    def lora_step():
-        with autocast():
-            loss = causal_lm_loss(ours(target, ones), target)
-        loss.backward()
-        opt["ours"].step()
-        opt["ours"].zero_grad(set_to_none=True)
-        return loss
+    def step(loss_of, optimizer):
+        """A training step: the loss under autocast, backward, AdamW, gradients cleared."""
+        def run():
+            with autocast():
+                loss = loss_of()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+        return run
 
-    def peft_step():
-        with autocast():
-            loss = causal_lm_loss(hf(input_ids=target, attention_mask=ones).logits, target)
-        loss.backward()
-        opt["hf"].step()
-        opt["hf"].zero_grad(set_to_none=True)
-        return loss
-
-    def flare_step():
-        with autocast():
-            reps = flare.source_representations(fused, source, ones)
-            loss = causal_lm_loss(fused(target, ones, source=reps), target)
-        loss.backward()
-        opt["flare"].step()
-        opt["flare"].zero_grad(set_to_none=True)
-        return loss
-
-    def input_fusion_step():
-        with autocast():
-            loss = causal_lm_loss(ours(both, torch.ones_like(both)), both)
-        loss.backward()
-        opt["ours"].step()
-        opt["ours"].zero_grad(set_to_none=True)
-        return loss
+    lora_loss = lambda: causal_lm_loss(ours(target, ones), target)
+    peft_loss = lambda: causal_lm_loss(hf(input_ids=target, attention_mask=ones).logits, target)
+    flare_loss = lambda: causal_lm_loss(fused(target, ones, source=flare.source_representations(fused, source, ones)),
+                                        target)
+    fusion_loss = lambda: causal_lm_loss(ours(both, torch.ones_like(both)), both)
 
     # Same weights, adapters at zero: the first losses must agree (ours and theirs compute the same model).
     with torch.no_grad(), autocast():
-        a = causal_lm_loss(ours(target, ones), target).item()
-        b = causal_lm_loss(hf(input_ids=target, attention_mask=ones).logits, target).item()
+        a, b = lora_loss().item(), peft_loss().item()
     assert abs(a - b) < 1e-3 * max(1.0, abs(b)) * (10 if device.type == "cuda" else 1), f"losses differ: {a} vs {b}"
     models = {"lora": ours, "flare": fused, "peft": hf}
-    steps = {"peft": peft_step, "lora": lora_step, "flare": flare_step, "input_fusion": input_fusion_step}
+    steps = {"peft": step(peft_loss, opt["hf"]), "lora": step(lora_loss, opt["ours"]),
+             "flare": step(flare_loss, opt["flare"]), "input_fusion": step(fusion_loss, opt["ours"])}
     return steps, models, opt
 
 
