@@ -252,19 +252,21 @@ class Transformer(nn.Module):
         h = self.model.embed_tokens(input_ids)
         if c.embed_scale:
             h = h * torch.tensor(c.hidden_size ** 0.5, dtype=h.dtype)  # the constant rounded to the activation dtype
-        cos, sin = emb.cos().to(compute_dtype(h)), emb.sin().to(compute_dtype(h))
+        dtype = compute_dtype(h)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
         # Boolean masks (B, 1, T, S): causal, no padded keys; every query sees itself, so padded rows stay finite.
         q_idx = torch.arange(start, start + T, device=h.device)[:, None]
         k_idx = torch.arange(start + T, device=h.device)[None, :]
-        causal = (k_idx <= q_idx) & real[:, None, None, :]
-        causal = causal | (k_idx == q_idx)
+        causal = (k_idx <= q_idx) & real[:, None, None, :] | (k_idx == q_idx)
         window = causal & (k_idx > q_idx - c.sliding_window) if c.sliding_window else causal
+        if source is not None:  # source rows of these positions; past the prompt only its last (flare.LoRA repeats it)
+            rows = slice(min(start, source[0].shape[1] - 1), start + T)
         reps = []
         for i, layer in enumerate(self.model.layers):
             if layer_inputs is not None:
                 reps.append(layer.input_layernorm(h) if layer_inputs == "normed" else h)
             mask = window if i in c.sliding_layers else causal
-            src = None if source is None else (source[i][:, min(start, source[i].shape[1] - 1):start + T], real[:, start:])
+            src = None if source is None else (source[i][:, rows], real[:, start:])
             if checkpoint and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, cache, src, use_reentrant=False)
             else:
