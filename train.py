@@ -104,6 +104,9 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.epochs <= 0 or min(args.lrs) <= 0:
         p.error("--epochs and --lr must be positive")
+    if args.stage1 and not os.path.exists(os.path.join(args.stage1, "adapter.json")):
+        p.error(f"--stage1 {args.stage1} holds no adapter.json: point it to a saved stage-1 adapter folder "
+                f"(<out>/stage1/adapter of an earlier run)")
     args.max_length = args.max_length or task.max_length
     args.out = args.out or os.path.join("runs", f"{os.path.basename(args.model.rstrip('/'))}-{args.task}-{args.lang}")
     return args
@@ -414,7 +417,7 @@ def main(argv=None):
 
     # Stage 1: the English task adapter, frozen and always on from here.
     stage1 = args.stage1 or os.path.join(args.out, "stage1", "adapter")
-    if os.path.exists(os.path.join(stage1, "adapter.json")) and (args.stage1 or args.resume):
+    if args.stage1 or args.resume and os.path.exists(os.path.join(stage1, "adapter.json")):
         flare.load_adapter(model, stage1, name="task")
         print(f"stage 1: reusing {stage1}", file=sys.stderr)
     else:

@@ -232,6 +232,7 @@ def test_checkpoint_is_replaced_atomically_so_a_failed_save_keeps_the_previous_o
     (["--model", "tiny", "--lr", "fast"], "--lr 'fast' is not a number"),
     (["--model", "tiny", "--rank", "0"], "--rank must be at least 1"),
     (["--model", "tiny", "--epochs", "-1"], "--epochs and --lr must be positive"),
+    (["--model", "tiny", "--stage1", "/nonexistent"], "--stage1 /nonexistent holds no adapter.json"),
 ])
 def test_bad_flags_exit_with_usage_error_saying_what_is_allowed(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
