@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import sys
 import time
 
@@ -114,18 +115,15 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------ small utilities
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+def atomic_write(path, write):
+    """write(temporary path), then rename: a crash never leaves a half-written checkpoint or results file."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
 
 
 def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 
 def lm_loss(logits, labels):
@@ -232,9 +230,9 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
     step, best, best_state, log_path, ckpt_path = 0, -1.0, None, os.path.join(folder, "log.jsonl"), os.path.join(folder, "checkpoint.pt")
 
     def save_checkpoint():
-        atomic_save({"adapter": flare.adapter_state(model, name), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "step": step, "best": best, "best_state": best_state},
-                    ckpt_path)
+        state = {"adapter": flare.adapter_state(model, name), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "step": step, "best": best, "best_state": best_state}
+        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     if args.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=False)
@@ -437,8 +435,7 @@ def main(argv=None):
         results[method] = run_method(model, tok, task, target, method, args, device)
         write_json(results, results_path)
     table = results_table(results, task, args)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table + "\n")
+    atomic_write(os.path.join(args.out, "results.md"), lambda tmp: pathlib.Path(tmp).write_text(table + "\n"))
     print(table)
     return results
 
