@@ -1,9 +1,11 @@
-"""The Llama 3.x and Gemma 2 decoders, in one file, loaded from the Hub's safetensors.
+"""The Llama 3.x, Gemma 2 and Gemma 3 (text) decoders, in one file, loaded from the Hub's safetensors.
 
-One module serves both families: Gemma 2 differs from Llama in a handful of switches on the Config (embedding
-scale, norm offset, sandwich norms, soft-caps, query scale, sliding-window layers, GELU). Parameter names are
-Hugging Face's (model.layers.0.self_attn.q_proj.weight, ...), so checkpoints load with no renaming and, because
-we use rotate-half RoPE like transformers, no permutation.
+One module serves the three families: Gemma 2 differs from Llama in a handful of switches on the Config (embedding
+scale, norm offset, sandwich norms, soft-caps, query scale, sliding-window layers, GELU), and Gemma 3 from Gemma 2
+in three more (q_norm/k_norm, a second RoPE table for the sliding layers, linear RoPE scaling), with no attention
+soft-cap. Parameter names are Hugging Face's (model.layers.0.self_attn.q_proj.weight, ...), so checkpoints load with
+no renaming and, because we use rotate-half RoPE like transformers, no permutation; Gemma 3's multimodal checkpoints
+(4B, 12B, 27B) nest the same names under a prefix, which loading strips, and their vision tower is skipped.
 
 FLARE hooks in at one place: q_proj and v_proj may receive the English "source" representation of their layer
 (see flare.py). A plain model ignores it.
@@ -11,6 +13,7 @@ FLARE hooks in at one place: q_proj and v_proj may receive the English "source" 
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +29,27 @@ ALIASES = {
     "gemma2-2b": "google/gemma-2-2b",
     "gemma2-9b": "google/gemma-2-9b",
     "gemma2-27b": "google/gemma-2-27b",
+    "gemma3-270m": "google/gemma-3-270m",
+    "gemma3-1b": "google/gemma-3-1b-pt",
+    "gemma3-4b": "google/gemma-3-4b-pt",
+    "gemma3-12b": "google/gemma-3-12b-pt",
+    "gemma3-27b": "google/gemma-3-27b-pt",
 }
-ARCHITECTURES = ("llama", "gemma2")  # config.json model_type values we implement
+# config.json model_type values we implement; "gemma3" is the multimodal checkpoint, of which we use the text decoder
+ARCHITECTURES = ("llama", "gemma2", "gemma3_text", "gemma3")
+# transformers' Gemma3TextConfig defaults (those we read): a Gemma 3 config.json, and above all the sparse text_config
+# of the multimodal ones, leaves out every field that has its default value.
+GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6, tie_word_embeddings=True, query_pre_attn_scalar=256,
+    sliding_window=4096, sliding_window_pattern=6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+    final_logit_softcapping=None, use_bidirectional_attention=False,
+)
+# Where the multimodal Gemma 3 checkpoints keep the text decoder (the Hub's prefix; some fine-tunes' prefix), and the
+# tensor families of theirs that flare does not use.
+TEXT_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                 "language_model.lm_head.": "lm_head."}
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 @dataclass
@@ -40,8 +62,9 @@ class Config:
     num_kv_heads: int             # < num_heads: grouped-query attention
     head_dim: int                 # Gemma 2: head_dim * num_heads != hidden_size
     rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None     # Llama 3.1: {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_theta: float             # of the full-attention layers (all layers but Gemma 3's sliding ones)
+    rope_scaling: dict | None     # Llama 3.1: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+                                  # "original_max_position_embeddings"}; Gemma 3 4B+: {"rope_type": "linear", "factor"}
     tie_word_embeddings: bool
     # Gemma 2's differences from Llama, off for Llama:
     embed_scale: bool = False     # embeddings times sqrt(hidden_size)
@@ -53,37 +76,70 @@ class Config:
     final_softcap: float | None = None    # tanh soft-cap of output logits
     sliding_window: int | None = None
     sliding_layers: tuple = ()    # indices of layers with sliding-window attention
+    # Gemma 3's differences from Gemma 2, off for the others:
+    qk_norm: bool = False         # q_norm and k_norm: each head of q and k normalised before RoPE
+    sliding_rope_theta: float | None = None  # the sliding layers' own RoPE table (rope_local_base_freq), unscaled
 
     @classmethod
     def from_hf(cls, hf: dict) -> "Config":
-        """Reads a Hub config.json, in either shape: rope_theta + rope_scaling (the Hub's) or rope_parameters (transformers 5)."""
+        """Reads a Hub config.json, in either shape: rope_theta + rope_scaling (the Hub's) or rope_parameters
+        (transformers 5; Gemma 3's holds one entry per layer type). Of a multimodal Gemma 3, its text_config."""
         kind = hf.get("model_type")
         if kind not in ARCHITECTURES:
             raise ValueError(f"model_type {kind!r} is not supported; flare implements {', '.join(ARCHITECTURES)} "
-                             f"(Llama 3.x and Gemma 2). Pick one of: {', '.join(ALIASES)}.")
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"rope type {rope_type!r} is not supported (only 'default' and 'llama3').")
+                             f"(Llama 3.x, Gemma 2, Gemma 3). Pick one of: {', '.join(ALIASES)}.")
+        if kind == "gemma3":  # the text decoder of the multimodal checkpoint
+            hf, kind = hf.get("text_config") or {}, "gemma3_text"
+        if kind == "gemma3_text":
+            hf = {**GEMMA3_TEXT_DEFAULTS, **hf}
+            if hf["use_bidirectional_attention"]:
+                raise ValueError("use_bidirectional_attention is set: that is EmbeddingGemma, an encoder, and flare "
+                                 "needs a causal decoder (use a Gemma 3 language model such as gemma3-270m).")
+        rope = hf.get("rope_parameters") or {}
+        if kind == "gemma3_text" and "full_attention" in rope:  # transformers 5: one RoPE per layer type
+            rope, sliding_rope = rope["full_attention"], rope["sliding_attention"]
+        else:  # the Hub's: rope_theta and rope_scaling for the full layers, rope_local_base_freq for the sliding ones
+            rope = {"rope_theta": hf.get("rope_theta", 10000.0), **(rope or hf.get("rope_scaling") or {})}
+            sliding_rope = {"rope_theta": hf.get("rope_local_base_freq")}
+        theta, rope_scaling = parse_rope(rope)
         heads = hf["num_attention_heads"]
         common = dict(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
             num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads", heads),
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rms_norm_eps=hf["rms_norm_eps"],
-            rope_theta=theta, rope_scaling=rope if rope_type == "llama3" else None,
+            rope_theta=theta, rope_scaling=rope_scaling,
         )
         if kind == "llama":
             if hf.get("attention_bias") or hf.get("mlp_bias"):
                 raise ValueError("Llama checkpoints with attention_bias or mlp_bias are not supported (Llama 3.x has none).")
             return cls(**common, tie_word_embeddings=hf.get("tie_word_embeddings", False))
-        layers = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+        gemma2 = kind == "gemma2"
+        # Gemma 2 alternates sliding and full layers; Gemma 3 has one full layer in every sliding_window_pattern.
+        full = (lambda i: i % 2 == 1) if gemma2 else (lambda i: (i + 1) % hf["sliding_window_pattern"] == 0)
+        layers = hf.get("layer_types") or ["full_attention" if full(i) else "sliding_attention"
                                            for i in range(hf["num_hidden_layers"])]
+        if not gemma2:
+            sliding_theta, sliding_scaling = parse_rope(sliding_rope)
+            if sliding_scaling is not None:
+                raise ValueError(f"Gemma 3's sliding layers take unscaled RoPE, but config.json scales them with "
+                                 f"{sliding_scaling}: the checkpoint is not a Gemma 3 flare implements.")
         return cls(**common, tie_word_embeddings=hf.get("tie_word_embeddings", True), embed_scale=True,
                    norm_offset=True, sandwich_norms=True, gelu=True, query_scale=hf["query_pre_attn_scalar"] ** -0.5,
-                   attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
-                   sliding_window=hf.get("sliding_window"),
-                   sliding_layers=tuple(i for i, t in enumerate(layers) if t == "sliding_attention"))
+                   # Gemma 3 has no attention soft-cap, whatever its config says (transformers ignores the value too)
+                   attn_softcap=hf.get("attn_logit_softcapping") if gemma2 else None,
+                   final_softcap=hf.get("final_logit_softcapping"), sliding_window=hf.get("sliding_window"),
+                   sliding_layers=tuple(i for i, t in enumerate(layers) if t == "sliding_attention"),
+                   qk_norm=not gemma2, sliding_rope_theta=None if gemma2 else sliding_theta)
+
+
+def parse_rope(rope: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) of one config.json RoPE entry; scaling None for plain RoPE."""
+    rope = dict(rope)
+    theta = rope.pop("rope_theta")
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))  # "type": older config.json files
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ValueError(f"rope type {rope_type!r} is not supported (only 'default', 'linear' and 'llama3').")
+    return theta, None if rope_type == "default" else {"rope_type": rope_type, **rope}
 
 
 class RMSNorm(nn.Module):
@@ -99,13 +155,16 @@ class RMSNorm(nn.Module):
         return self.weight * y.type_as(x)  # Llama: cast back first, then the weight
 
 
-def rope_frequencies(config: Config) -> torch.Tensor:
-    """Inverse frequencies of rotate-half RoPE, with Llama 3.1's rescaling of the low frequencies if configured."""
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    if config.rope_scaling is None:
+def rope_frequencies(config: Config, sliding: bool = False) -> torch.Tensor:
+    """Inverse frequencies of rotate-half RoPE, scaled if configured (linearly, or Llama 3.1's rescaling of the low
+    frequencies); sliding=True: those of Gemma 3's sliding layers, from their own theta and never scaled."""
+    d, theta = config.head_dim, config.sliding_rope_theta if sliding else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = None if sliding else config.rope_scaling
+    if s is None:
         return inv_freq
-    s = config.rope_scaling
+    if s["rope_type"] == "linear":  # positions divided by factor, which is the same as the frequencies
+        return inv_freq / s["factor"]
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_len = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -114,6 +173,13 @@ def rope_frequencies(config: Config) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)  # in between: interpolate
     return torch.where(medium, smoothed, scaled)
+
+
+def rope_table(pos, inv_freq, dtype):
+    """cos and sin (B, 1, T, hd) of positions pos (B, T), computed in fp32 as in transformers, cast to dtype."""
+    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), -1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rotate_half(x):
@@ -159,12 +225,18 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.scale = c.query_scale or c.head_dim ** -0.5
         self.softcap = c.attn_softcap
+        self.qk_norm = c.qk_norm
+        if self.qk_norm:  # Gemma 3: an RMSNorm over head_dim, shared by the heads
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.norm_offset)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.norm_offset)
 
     def forward(self, x, cos, sin, mask, cache=None, source=None):
         B, T, _ = x.shape
         q = call_fused(self.q_proj, x, source).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                         # (B, nkv, T, hd)
         v = call_fused(self.v_proj, x, source).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd), S = positions so far
@@ -224,6 +296,8 @@ class Transformer(nn.Module):
         self.model = Decoder(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        if config.sliding_rope_theta:  # Gemma 3: the sliding layers' table
+            self.register_buffer("sliding_inv_freq", rope_frequencies(config, sliding=True), persistent=False)
 
     def forward(self, input_ids, attention_mask=None, source=None, cache=None, checkpoint=False, layer_inputs=None,
                 last_only=False):
@@ -247,13 +321,12 @@ class Transformer(nn.Module):
             attention_mask = torch.ones(B, start + T, dtype=torch.long, device=input_ids.device)
         real = attention_mask.bool()
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
-        freqs = pos[..., None].float() * self.inv_freq  # (B, T, hd/2), fp32 as in transformers
-        emb = torch.cat((freqs, freqs), -1)[:, None]     # (B, 1, T, hd)
         h = self.model.embed_tokens(input_ids)
         if c.embed_scale:
             h = h * torch.tensor(c.hidden_size ** 0.5, dtype=h.dtype)  # the constant rounded to the activation dtype
         dtype = compute_dtype(h)
-        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        full_rope = rope_table(pos, self.inv_freq, dtype)
+        sliding_rope = rope_table(pos, self.sliding_inv_freq, dtype) if c.sliding_rope_theta else full_rope
         # Boolean masks (B, 1, T, S): causal, no padded keys; every query sees itself, so padded rows stay finite.
         q_idx = torch.arange(start, start + T, device=h.device)[:, None]
         k_idx = torch.arange(start + T, device=h.device)[None, :]
@@ -266,6 +339,7 @@ class Transformer(nn.Module):
             if layer_inputs is not None:
                 reps.append(layer.input_layernorm(h) if layer_inputs == "normed" else h)
             mask = window if i in c.sliding_layers else causal
+            cos, sin = sliding_rope if i in c.sliding_layers else full_rope
             src = None if source is None else (source[i][:, rows], real[:, start:])
             if checkpoint and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, cache, src, use_reentrant=False)
@@ -350,35 +424,50 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu") -> Transfo
         raise FileNotFoundError(f"{folder} has no config.json: point to a Hugging Face model folder "
                                 f"(config.json, tokenizer.json, *.safetensors).")
     with open(config_path) as f:
-        config = Config.from_hf(json.load(f))
+        hf_config = json.load(f)
+    config = Config.from_hf(hf_config)
+    multimodal = hf_config.get("model_type") == "gemma3"
     files = checkpoint_files(folder)
     with torch.device("meta"):
         model = Transformer(config).to(dtype)  # the dtype is set on meta tensors: nothing allocated, nothing converted
     model = model.to_empty(device=device)  # uninitialised: every value comes from the checkpoint
-    model.inv_freq = rope_frequencies(config).to(device)  # a computed buffer, not in the checkpoint, kept in fp32
+    model.inv_freq = rope_frequencies(config).to(device)  # computed buffers, not in the checkpoint, kept in fp32
+    if config.sliding_rope_theta:
+        model.sliding_inv_freq = rope_frequencies(config, sliding=True).to(device)
     params = dict(model.named_parameters())
-    missing, unexpected = set(params), []
+    missing, unexpected, skipped = set(params), [], {}
     for path in files:
         with safe_open(path, framework="pt") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        for name, shape in shapes.items():
+        for stored, shape in shapes.items():
+            name = stored
+            if multimodal:
+                vision = next((p for p in VISION_PREFIXES if stored.startswith(p)), None)
+                if vision is not None:
+                    skipped[vision] = skipped.get(vision, 0) + 1
+                    continue
+                text = next((p for p in TEXT_PREFIXES if stored.startswith(p)), None)
+                name = stored if text is None else TEXT_PREFIXES[text] + stored[len(text):]
             if name not in params:
                 # Tied checkpoints may still carry lm_head.weight, older ones the RoPE buffer: both are derived.
                 if not (name == "lm_head.weight" and config.tie_word_embeddings or name.endswith("rotary_emb.inv_freq")):
-                    unexpected.append(name)
+                    unexpected.append(stored)
                 continue
             if shape != tuple(params[name].shape):
-                raise ValueError(f"{name} in {path} has shape {shape}, but config.json implies "
+                raise ValueError(f"{stored} in {path} has shape {shape}, but config.json implies "
                                  f"{tuple(params[name].shape)}: the checkpoint does not match its config.")
             # The file is opened per tensor: safe_open memory-maps it, and the pages read stay resident until it is
             # closed, which would hold a second copy of a one-file checkpoint next to the weights.
             with torch.no_grad(), safe_open(path, framework="pt") as f:
-                params[name].copy_(f.get_tensor(name))
+                params[name].copy_(f.get_tensor(stored))
             missing.discard(name)
     if unexpected or missing:
         raise ValueError(f"checkpoint {folder} does not match the {config_path} architecture: "
                          f"missing tensors {sorted(missing)[:10]}, unexpected tensors {sorted(unexpected)[:10]}"
                          f" ({len(missing)} missing, {len(unexpected)} unexpected in all).")
+    if skipped:
+        print(f"{folder}: a multimodal Gemma 3, of which flare uses the text decoder; skipped " +
+              ", ".join(f"{prefix}* ({n} tensors)" for prefix, n in skipped.items()), file=sys.stderr)
     return model.eval().requires_grad_(False)
 
 

@@ -1,7 +1,7 @@
 """Tiny random checkpoints built by transformers, shared by the model and FLARE tests.
 
-tiny_hf_model builds a Llama 3 or Gemma 2 with transformers and randomises every weight, norms included (Gemma's
-zero-initialised norms would hide a missing 1 + w). save_tiny writes it as the Hub does (config.json and
+tiny_hf_model builds a Llama 3, Gemma 2 or Gemma 3 with transformers and randomises every weight, norms included
+(Gemma's zero-initialised norms would hide a missing 1 + w); tiny_hf_multimodal a Gemma 3 with a vision tower. save_tiny writes it as the Hub does (config.json and
 safetensors, optionally sharded); save_tiny_tokenizer writes a byte-level BPE tokenizer.json for the same vocab.
 """
 import json
@@ -26,32 +26,61 @@ LLAMA = dict(COMMON, rms_norm_eps=1e-5, tie_word_embeddings=False,
                                   high_freq_factor=4.0, original_max_position_embeddings=64))
 GEMMA2 = dict(COMMON, rms_norm_eps=1e-6, query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=50.0,
               final_logit_softcapping=30.0, rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+# Gemma 3: three layers, sliding, sliding, full (sliding_window_pattern 3, which Gemma 2's alternation would get
+# wrong), the real models' two RoPE tables (sliding layers theta 10,000, full ones 1,000,000; GEMMA3_LINEAR adds the
+# 4B+ linear scaling of the full ones, and a final soft-cap), and an attention soft-cap in the config, which Gemma 3
+# ignores (so does transformers: the comparisons fail if we applied it).
+GEMMA3 = dict(COMMON, num_hidden_layers=3, rms_norm_eps=1e-6, query_pre_attn_scalar=24, sliding_window=6,
+              sliding_window_pattern=3, attn_logit_softcapping=50.0,
+              rope_parameters=dict(full_attention=dict(rope_type="default", rope_theta=1_000_000.0),
+                                   sliding_attention=dict(rope_type="default", rope_theta=10_000.0)))
+GEMMA3_LINEAR = dict(final_logit_softcapping=30.0, rope_parameters=dict(
+    full_attention=dict(rope_type="linear", factor=8.0, rope_theta=1_000_000.0),
+    sliding_attention=dict(rope_type="default", rope_theta=10_000.0)))
 # Random weights: (std of the embeddings, std of the other matrices, range of the final norm's weights); every
 # other norm weight is U(0.5, 1.5). Gemma's large matrices and final norm make both soft-caps bite (test_model.py
 # checks that they do); its embeddings stay small, as large tied ones make a random model repeat its last token.
-INIT = {"llama": (0.2, 0.2, (0.5, 1.5)), "gemma2": (0.1, 0.6, (15.0, 20.0))}
+INIT = {"llama": (0.2, 0.2, (0.5, 1.5)), "gemma2": (0.1, 0.6, (15.0, 20.0)), "gemma3": (0.1, 0.6, (15.0, 20.0))}
 
 
 def tiny_hf_model(family, dtype=torch.float32, seed=0, **overrides):
-    """A transformers LlamaForCausalLM ("llama") or Gemma2ForCausalLM ("gemma2") with eager attention and every
-    weight random (see INIT). overrides replace config fields."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+    """A transformers LlamaForCausalLM ("llama"), Gemma2ForCausalLM ("gemma2") or Gemma3ForCausalLM ("gemma3") with
+    eager attention and every weight random (see INIT). overrides replace config fields."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                              LlamaForCausalLM)
     config_class, model_class, fields = {"llama": (LlamaConfig, LlamaForCausalLM, LLAMA),
-                                         "gemma2": (Gemma2Config, Gemma2ForCausalLM, GEMMA2)}[family]
+                                         "gemma2": (Gemma2Config, Gemma2ForCausalLM, GEMMA2),
+                                         "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, GEMMA3)}[family]
     config = config_class(**{**fields, **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = model_class(config)
+    return randomise(model_class(config), family).to(dtype).eval()
+
+
+def tiny_hf_multimodal(dtype=torch.float32, seed=0, **overrides):
+    """A transformers Gemma3ForConditionalGeneration: GEMMA3's text decoder (overrides replace its fields) and a
+    one-layer SigLIP vision tower, eager attention, every weight random."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=7)
+    config = Gemma3Config(text_config=Gemma3TextConfig(**{**GEMMA3, **overrides}), vision_config=vision,
+                          mm_tokens_per_image=4)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return randomise(Gemma3ForConditionalGeneration(config), "gemma3").to(dtype).eval()
+
+
+def randomise(model, family):
     embed_std, std, (low, high) = INIT[family]
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name == "model.norm.weight":
+            if name in ("model.norm.weight", "model.language_model.norm.weight"):  # the final norm
                 p.uniform_(low, high)
             elif "norm" in name:
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0.0, embed_std if "embed_tokens" in name else std)
-    return model.to(dtype).eval()
+    return model
 
 
 def save_tiny(hf_model, folder, max_shard_size=None):
