@@ -467,7 +467,7 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu") -> Transfo
                          f" ({len(missing)} missing, {len(unexpected)} unexpected in all).")
     if skipped:
         print(f"{folder}: a multimodal Gemma 3, of which flare uses the text decoder; skipped " +
-              ", ".join(f"{prefix}* ({n} tensors)" for prefix, n in skipped.items()), file=sys.stderr)
+              ", ".join(f"{prefix}* ({n} tensors)" for prefix, n in sorted(skipped.items())), file=sys.stderr)
     return model.eval().requires_grad_(False)
 
 
