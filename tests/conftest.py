@@ -1,8 +1,9 @@
 """Tiny random checkpoints built by transformers, shared by the model and FLARE tests.
 
 tiny_hf_model builds a Llama 3, Gemma 2 or Gemma 3 with transformers and randomises every weight, norms included
-(Gemma's zero-initialised norms would hide a missing 1 + w); tiny_hf_multimodal a Gemma 3 with a vision tower. save_tiny writes it as the Hub does (config.json and
-safetensors, optionally sharded); save_tiny_tokenizer writes a byte-level BPE tokenizer.json for the same vocab.
+(Gemma's zero-initialised norms would hide a missing 1 + w); tiny_hf_multimodal a Gemma 3 with a vision tower.
+save_tiny writes either as the Hub does (config.json and safetensors, optionally sharded); save_tiny_tokenizer
+writes a byte-level BPE tokenizer.json for the same vocab.
 """
 import json
 import os
