@@ -318,7 +318,7 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
 def run_method(model, tok, task, splits, method, args, device):
     """Trains (at each --lr, keeping the best on validation) and tests one method; returns its result row."""
     folder = os.path.join(args.out, method)
-    if method in ("zero-shot", "translate-test"):
+    if method in EVAL_ONLY:
         return {"method": method, **evaluate(model, tok, task, splits["test"], method, args, device)}
     runs = []
     for lr in args.lrs:

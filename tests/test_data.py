@@ -455,22 +455,29 @@ def test_filled_hub_cache_serves_the_files_offline_and_a_missing_one_says_how_to
         in str(e.value) and "--data-dir" in str(e.value)
 
 
-def test_eval_only_methods_run_on_a_copy_without_train_splits(local_copy, tmp_path, monkeypatch):
+@pytest.mark.parametrize("task, train_files, translations", [
+    ("xnli", ["sw/train-00000-of-00001.parquet", "en/train-00000-of-00001.parquet"], None),
+    ("tydiqa", ["secondary_task/train-00000-of-00001.parquet"], TRANSLATIONS)])  # its validation split is in there
+def test_eval_only_methods_run_on_a_copy_without_train_files(local_copy, tmp_path, monkeypatch, task, train_files,
+                                                              translations):
     import flare
     import model
     import train
     from conftest import save_tiny, save_tiny_tokenizer, tiny_hf_model
-    for lang in ("sw", "en"):  # as in many local copies of XNLI: no train file, nor a validation one here
-        os.remove(local_copy / "facebook" / "xnli" / lang / "train-00000-of-00001.parquet")
+    for name in train_files:  # as in many local copies of XNLI (our fixtures have no validation files either)
+        os.remove(local_copy / data.HUB[task][0] / name)
     folder = save_tiny_tokenizer(save_tiny(tiny_hf_model("llama"), tmp_path / "tiny"))
     tiny = model.load_model(folder, dtype=torch.float32)
     flare.add_lora(tiny, "task")
     flare.save_adapter(tiny, "task", str(tmp_path / "stage1"), base_model=folder)  # trained elsewhere, say
     real_download(monkeypatch)
 
-    results = train.main(["--model", folder, "--task", "xnli", "--lang", "sw", "--data-dir", str(local_copy),
+    results = train.main(["--model", folder, "--task", task, "--lang", "sw", "--data-dir", str(local_copy),
                           "--methods", "zero-shot,translate-test", "--stage1", str(tmp_path / "stage1"),
-                          "--batch-size", "4", "--out", str(tmp_path / "run")])
+                          "--batch-size", "4", "--out", str(tmp_path / "run")] +
+                         (["--translations", translations] if translations else []))
 
     assert list(results) == ["zero-shot", "translate-test"]
-    assert all(row["accuracy"] * 6 == pytest.approx(round(row["accuracy"] * 6)) for row in results.values())  # 6 items
+    n = len(data.load_pairs(task, "sw", "test", translations=translations, data_dir=str(local_copy)))
+    metric = data.TASKS[task].metric
+    assert n > 0 and all(row[metric] * n == pytest.approx(round(row[metric] * n)) for row in results.values())

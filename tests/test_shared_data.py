@@ -7,7 +7,6 @@ them. Every test skips where the folder is absent (a user's clone); CI has it. N
 repository: the pipeline runs write to pytest's temporary folders.
 """
 import json
-import os
 import pathlib
 from collections import Counter
 
@@ -113,8 +112,7 @@ def test_tydiqa_train_of_a_language_the_copy_lacks_is_an_error_not_an_empty_spli
 
 # ------------------------------------------------------------------------------------------ pipeline runs
 
-SMALL = ["--max-train", "16", "--stage1-max-train", "32", "--max-eval", "16", "--batch-size", "8", "--epochs", "1",
-         "--max-length", "64"]  # prompts cut to 64 tokens: the tiny byte-level tokenizer makes about one per byte
+SMALL = ["--max-train", "16", "--stage1-max-train", "32", "--max-eval", "16", "--batch-size", "8", "--epochs", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +142,8 @@ def nusax_run(tiny_folder, tmp_path_factory):
         block_hub(mp)
         loaded = spy_loads(mp)
         results = train.main(["--model", tiny_folder, "--task", "nusax", "--lang", "jav", "--data-dir", str(SHARED),
-                              "--methods", ",".join(train.METHODS), "--out", str(out), *SMALL])
+                              "--methods", ",".join(train.METHODS), "--out", str(out), *SMALL,
+                              "--max-length", "64"])  # the tiny byte-level tokenizer: about one token per byte
     return out, results, loaded
 
 
@@ -179,7 +178,7 @@ def test_short_pipeline_on_real_nusax_trains_and_tests_on_items_of_the_real_file
 def test_eval_only_methods_on_real_xnli_read_no_train_split(nusax_run, tiny_folder, tmp_path, monkeypatch):
     stage1 = nusax_run[0] / "stage1" / "adapter"  # any stage-1 adapter of this model will do
     real, asked = data._download, []
-    monkeypatch.setattr(data, "_download", lambda task, filename, *a: asked.append(filename) or real(task, filename, *a))
+    monkeypatch.setattr(data, "_download", lambda task, name, *where: asked.append(name) or real(task, name, *where))
     results = train.main(["--model", tiny_folder, "--task", "xnli", "--lang", "sw", "--data-dir", str(SHARED),
                           "--methods", "zero-shot,translate-test", "--stage1", str(stage1), "--out", str(tmp_path),
                           *SMALL])
