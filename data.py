@@ -4,8 +4,10 @@ A task turns (language, split) into Pairs: an item in the target language, the s
 answer. XNLI and NusaX are parallel by construction; TyDiQA is not and takes its English side from a translations
 file; "synth" is an artificial language pair built here, with no download.
 
-Downloads go through huggingface_hub at a pinned revision into the usual Hub cache (`_download`, the one function the
-tests replace), and small readers below parse each dataset's own file format:
+Files come from the dataset repos below at a pinned revision (`_download`, the one function the tests replace): from a
+local copy with data_dir (DIR/<owner>/<repo>/<file>, as `hf download <repo> --repo-type dataset --revision <revision>
+--local-dir DIR/<repo>` leaves it), else through huggingface_hub into the usual Hub cache (offline with
+HF_HUB_OFFLINE=1 once the cache holds them). Small readers below parse each dataset's own file format:
   facebook/xnli                    {lang}/{split}-00000-of-00001.parquet   premise, hypothesis, label (0 entailment,
                                    1 neutral, 2 contradiction); row i of a language folder is row i of "en".
   indonlp/NusaX-senti              {lang}/nusa_x-senti-{split}.parquet     id, text, lang, label (0 negative, 1 neutral,
@@ -34,7 +36,8 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 
@@ -89,9 +92,24 @@ TYDIQA_LANGUAGES = {"ar": "arabic", "bn": "bengali", "fi": "finnish", "id": "ind
                     "ru": "russian", "sw": "swahili", "te": "telugu", "en": "english"}
 
 
-def _download(task: str, filename: str, cache_dir: str | None) -> str:
+def _download(task: str, filename: str, cache_dir: str | None, data_dir: str | None) -> str:
+    """The local path of one file of the task's dataset repo at its pinned revision: in data_dir's copy of the repo,
+    or else in the Hub cache (downloaded into it when the Hub can be reached)."""
     repo, revision = HUB[task]
-    return hf_hub_download(repo, filename, repo_type="dataset", revision=revision, cache_dir=cache_dir)
+    fetch = f"hf download {repo} {filename} --repo-type dataset --revision {revision}"
+    if data_dir is not None:
+        path = os.path.join(data_dir, repo, filename)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing from the local copy of {repo} in {data_dir}; fetch it with "
+                                    f"`{fetch} --local-dir {os.path.join(data_dir, repo)}`.")
+        return path
+    try:
+        return hf_hub_download(repo, filename, repo_type="dataset", revision=revision, cache_dir=cache_dir)
+    except LocalEntryNotFoundError as e:  # offline (HF_HUB_OFFLINE=1, or no network) and not in the cache
+        raise FileNotFoundError(f"{repo}/{filename} at revision {revision} is not in the Hub cache "
+                                f"({cache_dir or constants.HF_HUB_CACHE}) and the Hub cannot be reached; fetch it "
+                                f"with `{fetch}` where the Hub can be reached, or point --data-dir to a local copy "
+                                f"of the dataset repos.") from e
 
 
 def _read_parquet(path: str, columns: tuple[str, ...]) -> list[dict]:
@@ -99,12 +117,13 @@ def _read_parquet(path: str, columns: tuple[str, ...]) -> list[dict]:
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise ValueError(f"{path} has no column {missing} (it has {table.column_names}); the file is not the "
-                         f"expected dataset version: delete it from the cache and download again.")
+                         f"expected dataset version: delete it (from the Hub cache or the --data-dir copy) and fetch "
+                         f"it again.")
     return table.select(list(columns)).to_pylist()
 
 
-def _xnli(lang: str, split: str, cache_dir: str | None) -> list[dict]:
-    path = _download("xnli", f"{lang}/{split}-00000-of-00001.parquet", cache_dir)
+def _xnli(lang: str, split: str, cache_dir: str | None, data_dir: str | None) -> list[dict]:
+    path = _download("xnli", f"{lang}/{split}-00000-of-00001.parquet", cache_dir, data_dir)
     rows = _read_parquet(path, ("premise", "hypothesis", "label"))
     labels = TASKS["xnli"].labels
     for i, r in enumerate(rows):
@@ -114,8 +133,8 @@ def _xnli(lang: str, split: str, cache_dir: str | None) -> list[dict]:
             for i, r in enumerate(rows)]
 
 
-def _nusax(lang: str, split: str, cache_dir: str | None) -> list[dict]:
-    path = _download("nusax", f"{'eng' if lang == 'en' else lang}/nusa_x-senti-{split}.parquet", cache_dir)
+def _nusax(lang: str, split: str, cache_dir: str | None, data_dir: str | None) -> list[dict]:
+    path = _download("nusax", f"{'eng' if lang == 'en' else lang}/nusa_x-senti-{split}.parquet", cache_dir, data_dir)
     labels = TASKS["nusax"].labels
     rows = _read_parquet(path, ("id", "text", "label"))
     for r in rows:
@@ -124,9 +143,9 @@ def _nusax(lang: str, split: str, cache_dir: str | None) -> list[dict]:
     return [{"id": str(r["id"]), "text": r["text"], "answer": labels[r["label"]]} for r in rows]
 
 
-def _tydiqa(lang: str, split: str, cache_dir: str | None) -> list[dict]:
+def _tydiqa(lang: str, split: str, cache_dir: str | None, data_dir: str | None) -> list[dict]:
     filename = f"secondary_task/{'validation' if split == 'test' else 'train'}-00000-of-00001.parquet"
-    rows = _read_parquet(_download("tydiqa", filename, cache_dir), ("id", "context", "question", "answers"))
+    rows = _read_parquet(_download("tydiqa", filename, cache_dir, data_dir), ("id", "context", "question", "answers"))
     items = []
     for r in rows:
         held_out = zlib.crc32(r["id"].encode()) % 10 == 0
@@ -150,28 +169,32 @@ def _check(task: str, lang: str, split: str) -> Task:
     return TASKS[task]
 
 
-def _items(task: str, lang: str, split: str, limit: int | None, seed: int, cache_dir: str | None) -> list[dict]:
+def _items(task: str, lang: str, split: str, limit: int | None, seed: int, cache_dir: str | None,
+           data_dir: str | None) -> list[dict]:
     """The split's target-language items; with a limit, a random subset of that size (in file order) for the seed."""
-    items = READERS[task](lang, split, cache_dir)
+    items = READERS[task](lang, split, cache_dir, data_dir)
     if not items:
-        raise ValueError(f"{task} {lang} {split} is empty: the downloaded file holds no items for it; check the "
-                         f"language code and the pinned revision in data.HUB.")
+        raise ValueError(f"{task} {lang} {split} is empty: its file holds no items for it; check the language code "
+                         f"and that the file is the one of the revision in data.HUB (a copy of TyDiQA's train file "
+                         f"may hold only some languages).")
     if limit is None or limit >= len(items):
         return items
     return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), limit))]
 
 
 def load_pairs(task: str, lang: str, split: str, *, limit: int | None = None, seed: int = 100,
-               translations: str | None = None, cache_dir: str | None = None) -> list[Pair]:
+               translations: str | None = None, cache_dir: str | None = None,
+               data_dir: str | None = None) -> list[Pair]:
     """Items of (task, lang, split), each with its English counterpart; lang "en" gives English pairs (target ==
     source). limit with seed takes a random subset; for "synth" they pick the generated items. TyDiQA needs
-    `translations` and drops the items whose answer was lost in translation (so it may return fewer than limit)."""
+    `translations` and drops the items whose answer was lost in translation (so it may return fewer than limit).
+    data_dir: a local copy of the dataset repos (see _download), else the Hub cache (cache_dir or the default)."""
     spec = _check(task, lang, split)
     if translations is not None and task != "tydiqa":
         raise ValueError(f"{task} is parallel by construction; translations is for tydiqa only: leave it out.")
     if task == "synth":
         return synth_pairs(lang, split, n=limit, seed=seed)
-    items = _items(task, lang, split, limit, seed, cache_dir)
+    items = _items(task, lang, split, limit, seed, cache_dir, data_dir)
     fields = lambda item: {k: item[k] for k in spec.fields}
     if lang == "en":
         return [Pair(it["id"], fields(it), fields(it), it["answer"]) for it in items]
@@ -180,7 +203,7 @@ def load_pairs(task: str, lang: str, split: str, *, limit: int | None = None, se
             raise ValueError(f"tydiqa is not parallel: pass translations=<file.jsonl> with the English side of "
                              f"{lang} {split} (translate_tydiqa writes it).")
         return _translated_pairs(items, translations, f"tydiqa {lang} {split}")
-    english = {it["id"]: it for it in READERS[task]("en", split, cache_dir)}
+    english = {it["id"]: it for it in READERS[task]("en", split, cache_dir, data_dir)}
     unmatched = [it["id"] for it in items if it["id"] not in english]
     if unmatched:
         raise ValueError(f"{task} {lang} {split}: {len(unmatched)} items have no English counterpart "
@@ -239,13 +262,14 @@ QUOTED = re.compile(r'["“”«»„]([^"“”«»„]+)["“”«»„]')
 
 
 def translate_tydiqa(lang: str, split: str, generate, path: str, *, limit: int | None = None, seed: int = 100,
-                     cache_dir: str | None = None, batch_size: int = 16, max_new_tokens: int = 512) -> int:
+                     cache_dir: str | None = None, data_dir: str | None = None, batch_size: int = 16,
+                     max_new_tokens: int = 512) -> int:
     """Translate the items load_pairs("tydiqa", lang, split, limit=limit, seed=seed) uses into English with
     generate(prompts: list[str], max_new_tokens: int) -> list[str] (greedy, few-shot), appending to the JSONL file
     at path; items already there are skipped. As in the paper, the answer span is put in quotes before translating
     the context and read back from the quotes after. Returns how many of the items lost their answer."""
     _check("tydiqa", lang, split)
-    items = _items("tydiqa", lang, split, limit, seed, cache_dir)
+    items = _items("tydiqa", lang, split, limit, seed, cache_dir, data_dir)
     done = _read_translations(path)
     todo = [it for it in items if it["id"] not in done]
     language = TYDIQA_LANGUAGES[lang].capitalize()

@@ -30,6 +30,7 @@ import flare
 from model import Config, Transformer, load_model, load_tokenizer
 
 METHODS = ("flare", "lora", "input-fusion", "translate-test", "zero-shot")
+EVAL_ONLY = ("translate-test", "zero-shot")  # the stage-1 model as it is: no target training, no target train split
 MAX_NEW_TOKENS = 32  # QA answers are short spans
 DEFAULTS = {"methods": "flare", "lr": "2e-4", "stage1_lr": 2e-4, "epochs": 3, "eval_every": 200}
 # The CPU demo: 256 target examples; each method at its best rate on validation out of two, the two fixed in advance
@@ -70,6 +71,8 @@ def parse_args(argv=None):
                    help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU (most CPUs lack bf16 units: 5-10x slower)")
     p.add_argument("--stage1", default=None, help="folder of a saved stage-1 adapter to reuse")
     p.add_argument("--translations", default=None, help="TyDiQA: JSONL of English translations (see data.py)")
+    p.add_argument("--data-dir", default=None, help="local copy of the dataset repos, DIR/<owner>/<repo>/<file> as "
+                   "`hf download <repo> --repo-type dataset --local-dir DIR/<repo>` leaves it (default: the Hub cache)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<model>-<task>-<lang>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     args = p.parse_args(argv)
@@ -108,6 +111,10 @@ def parse_args(argv=None):
     if args.stage1 and not os.path.exists(os.path.join(args.stage1, "adapter.json")):
         p.error(f"--stage1 {args.stage1} holds no adapter.json: point it to a saved stage-1 adapter folder "
                 f"(<out>/stage1/adapter of an earlier run)")
+    if args.data_dir and args.task == "synth":
+        p.error("--task synth is generated here and reads no files: leave out --data-dir")
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        p.error(f"--data-dir {args.data_dir} is not a folder: point it to the folder that holds <owner>/<repo>/<file>")
     args.max_length = args.max_length or task.max_length
     args.out = args.out or os.path.join("runs", f"{os.path.basename(args.model.rstrip('/'))}-{args.task}-{args.lang}")
     return args
@@ -311,7 +318,7 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
 def run_method(model, tok, task, splits, method, args, device):
     """Trains (at each --lr, keeping the best on validation) and tests one method; returns its result row."""
     folder = os.path.join(args.out, method)
-    if method in ("zero-shot", "translate-test"):
+    if method in EVAL_ONLY:
         return {"method": method, **evaluate(model, tok, task, splits["test"], method, args, device)}
     runs = []
     for lr in args.lrs:
@@ -400,18 +407,20 @@ def main(argv=None):
     task = dataclasses.replace(data.TASKS[args.task], max_length=args.max_length)
     model = load_model(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
     tok = load_tokenizer(model_path)
+    # Methods that only evaluate read the target test split alone: XNLI's train file (392k items) is absent from
+    # many local copies, and TyDiQA's validation split is carved out of its train file.
+    splits = ("test",) if set(args.methods) <= set(EVAL_ONLY) else ("train", "validation", "test")
     if args.task == "tydiqa" and args.translations is None:  # not parallel: the base model translates it first
         args.translations = os.path.join(args.out, f"translations-{args.lang}.jsonl")
-        for split in ("train", "validation", "test"):
+        for split in splits:
             lost = data.translate_tydiqa(args.lang, split, lambda prompts, n: generate_text(model, tok, prompts, n, args, device),
                                          args.translations, limit=args.max_train if split == "train" else args.max_eval,
-                                         seed=args.seed)
+                                         seed=args.seed, data_dir=args.data_dir)
             print(f"tydiqa {args.lang} {split}: translated into {args.translations}; {lost} items lost their answer "
                   f"and are left out", file=sys.stderr)
     load = lambda lang, split, limit: data.load_pairs(args.task, lang, split, limit=limit, seed=args.seed,
-                                                      translations=args.translations)
-    target = {s: load(args.lang, s, args.max_train if s == "train" else args.max_eval)
-              for s in ("train", "validation", "test")}
+                                                      translations=args.translations, data_dir=args.data_dir)
+    target = {s: load(args.lang, s, args.max_train if s == "train" else args.max_eval) for s in splits}
 
     # Stage 1: the English task adapter, frozen and always on from here.
     stage1 = args.stage1 or os.path.join(args.out, "stage1", "adapter")
@@ -419,7 +428,12 @@ def main(argv=None):
         flare.load_adapter(model, stage1, name="task")
         print(f"stage 1: reusing {stage1}", file=sys.stderr)
     else:
-        english = {s: load("en", s, args.stage1_max_train if s == "train" else args.max_eval) for s in ("train", "validation")}
+        try:
+            english = {s: load("en", s, args.stage1_max_train if s == "train" else args.max_eval)
+                       for s in ("train", "validation")}
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}\nStage 1 trains on the English train and validation splits; without them, "
+                                    f"reuse a stage-1 adapter trained elsewhere: --stage1 <run>/stage1/adapter.") from e
         torch.manual_seed(args.seed)
         flare.add_lora(model, "task", args.rank, args.alpha, args.dropout)
         train_adapter(model, tok, task, english["train"], english["validation"], "english", "task",

@@ -5,6 +5,8 @@ data._download is replaced, so everything after the download runs as it does on 
 """
 import json
 import os
+import re
+import shutil
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ TRANSLATIONS = os.path.join(FIXTURES, "tydiqa", "translations-sw.jsonl")
 @pytest.fixture(autouse=True)
 def hub_files(monkeypatch):
     """Serve every download from tests/fixtures/<task>/<path in the Hub repo>."""
-    def download(task, filename, cache_dir):
+    def download(task, filename, cache_dir, data_dir):
         path = os.path.join(FIXTURES, task, filename)
         if not os.path.exists(path):
             raise FileNotFoundError(path)
@@ -332,7 +334,7 @@ def test_nusax_label_outside_the_three_classes_names_file_and_item(tmp_path, mon
     import pyarrow as pa, pyarrow.parquet as pq
     path = tmp_path / "nusa_x-senti-train.parquet"
     pq.write_table(pa.table({"id": ["7"], "text": ["t"], "lang": ["ind"], "label": [3]}), path)
-    monkeypatch.setattr(data, "_download", lambda task, filename, cache_dir: str(path))
+    monkeypatch.setattr(data, "_download", lambda task, filename, cache_dir, data_dir: str(path))
     with pytest.raises(ValueError, match=f"{path}: item 7 has label 3, expected 0, 1 or 2"):
         data.load_pairs("nusax", "ind", "train")
 
@@ -380,3 +382,102 @@ def test_translation_prompt_is_few_shot_with_the_answer_span_in_quotes(tmp_path)
     prompt = seen[1]  # the second context of the first batch
     assert prompt.startswith('Translate the text into English. Keep the part in "quotes" in quotes.\n\nIndonesian: ')
     assert prompt.endswith('\n\nSwahili: Mombasa ni mji wa bandari ulioko "pwani ya Kenya".\nEnglish:')
+
+
+# ---- local copies of the dataset repos (data_dir, --data-dir) and the Hub cache offline ----
+
+HUB_DOWNLOAD = data._download  # the real one (hub_files replaces it in every test)
+
+
+@pytest.fixture
+def local_copy(tmp_path):
+    """The fixtures laid out as `hf download <repo> --repo-type dataset --local-dir DIR/<repo>` leaves them."""
+    for task, (repo, _) in data.HUB.items():
+        shutil.copytree(os.path.join(FIXTURES, task), tmp_path / "copy" / repo)
+    return tmp_path / "copy"
+
+
+def real_download(monkeypatch, hub=False):
+    """The real data._download back; the Hub itself (hf_hub_download) a failure unless hub."""
+    monkeypatch.setattr(data, "_download", HUB_DOWNLOAD)
+    if not hub:
+        monkeypatch.setattr(data, "hf_hub_download", lambda *a, **kw: pytest.fail(f"the Hub was asked for {a}"))
+
+
+@pytest.mark.parametrize("task, lang, split, translations", [
+    ("xnli", "sw", "test", None), ("xnli", "en", "train", None), ("nusax", "ind", "train", None),
+    ("tydiqa", "en", "train", None), ("tydiqa", "sw", "test", TRANSLATIONS)])
+def test_data_dir_reads_each_repo_in_its_hub_layout_without_the_hub(local_copy, monkeypatch, task, lang, split,
+                                                                     translations):
+    served = data.load_pairs(task, lang, split, translations=translations)
+    real_download(monkeypatch)
+    assert data.load_pairs(task, lang, split, translations=translations, data_dir=str(local_copy)) == served
+
+
+def test_file_missing_from_data_dir_names_the_path_and_the_command_that_puts_it_there(local_copy, monkeypatch):
+    real_download(monkeypatch)
+    with pytest.raises(FileNotFoundError) as e:
+        data.load_pairs("nusax", "ind", "validation", data_dir=str(local_copy))  # the fixtures have no validation
+
+    path = local_copy / "indonlp" / "NusaX-senti" / "ind" / "nusa_x-senti-validation.parquet"
+    assert str(e.value).startswith(f"{path} is missing")
+    command = re.search(r"`hf download (\S+) (\S+) --repo-type dataset --revision (\S+) --local-dir (\S+)`",
+                        str(e.value))
+    assert command, str(e.value)
+    repo, filename, revision, local_dir = command.groups()
+    assert (repo, revision) == data.HUB["nusax"] and os.path.join(local_dir, filename) == str(path)
+
+
+def hub_cache(folder, repo, revision, files):
+    """A Hub cache holding files of a dataset repo at a revision, as hf_hub_download leaves it."""
+    snapshot = folder / f"datasets--{repo.replace('/', '--')}" / "snapshots" / revision
+    for source, name in files:
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, snapshot / name)
+    return folder
+
+
+def test_filled_hub_cache_serves_the_files_offline_and_a_missing_one_says_how_to_fetch_it(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    served = data.load_pairs("xnli", "sw", "test")
+    names = [f"{lang}/test-00000-of-00001.parquet" for lang in ("sw", "en")]
+    cache = hub_cache(tmp_path, *data.HUB["xnli"], [(os.path.join(FIXTURES, "xnli", n), n) for n in names])
+    real_download(monkeypatch, hub=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1, read at import
+
+    assert data.load_pairs("xnli", "sw", "test", cache_dir=str(cache)) == served
+    with pytest.raises(FileNotFoundError) as e:
+        data.load_pairs("xnli", "sw", "train", cache_dir=str(cache))
+    revision = data.HUB["xnli"][1]
+    assert f"facebook/xnli/sw/train-00000-of-00001.parquet at revision {revision} is not in the Hub cache ({cache})" \
+        in str(e.value)
+    assert f"`hf download facebook/xnli sw/train-00000-of-00001.parquet --repo-type dataset --revision {revision}`" \
+        in str(e.value) and "--data-dir" in str(e.value)
+
+
+@pytest.mark.parametrize("task, train_files, translations", [
+    ("xnli", ["sw/train-00000-of-00001.parquet", "en/train-00000-of-00001.parquet"], None),
+    ("tydiqa", ["secondary_task/train-00000-of-00001.parquet"], TRANSLATIONS)])  # its validation split is in there
+def test_eval_only_methods_run_on_a_copy_without_train_files(local_copy, tmp_path, monkeypatch, task, train_files,
+                                                              translations):
+    import flare
+    import model
+    import train
+    from conftest import save_tiny, save_tiny_tokenizer, tiny_hf_model
+    for name in train_files:  # as in many local copies of XNLI (our fixtures have no validation files either)
+        os.remove(local_copy / data.HUB[task][0] / name)
+    folder = save_tiny_tokenizer(save_tiny(tiny_hf_model("llama"), tmp_path / "tiny"))
+    tiny = model.load_model(folder, dtype=torch.float32)
+    flare.add_lora(tiny, "task")
+    flare.save_adapter(tiny, "task", str(tmp_path / "stage1"), base_model=folder)  # trained elsewhere, say
+    real_download(monkeypatch)
+
+    results = train.main(["--model", folder, "--task", task, "--lang", "sw", "--data-dir", str(local_copy),
+                          "--methods", "zero-shot,translate-test", "--stage1", str(tmp_path / "stage1"),
+                          "--batch-size", "4", "--out", str(tmp_path / "run")] +
+                         (["--translations", translations] if translations else []))
+
+    assert list(results) == ["zero-shot", "translate-test"]
+    n = len(data.load_pairs(task, "sw", "test", translations=translations, data_dir=str(local_copy)))
+    metric = data.TASKS[task].metric
+    assert n > 0 and all(row[metric] * n == pytest.approx(round(row[metric] * n)) for row in results.values())

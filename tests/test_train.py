@@ -260,3 +260,14 @@ def test_progress_line_shows_step_loss_lr_throughput_and_time_left(tiny_model, t
     for label in ("english", "lora"):
         line = rf"^{label} lr 0.005 \[#{{20}}\] 2/2 loss \d+\.\d{{4}} lr \d\.\d\de[-+]\d\d [\d,]+ tok/s \d+:\d\d left$"
         assert re.search(line, err, re.M), err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "llama3.1-8b", "--data-dir", "/nonexistent"], "--data-dir /nonexistent is not a folder: point it to"),
+    (["--model", "tiny", "--data-dir", "."], "--task synth is generated here and reads no files: leave out --data-dir"),
+])
+def test_data_dir_must_be_a_folder_and_is_not_for_the_synthetic_task(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(flags)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
