@@ -145,7 +145,7 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------ the run folder
 # Flags a resumed run may change: none of them changes what is trained or how it is tested. --methods may add
 # methods to a run; lr is compared as lrs (the rates as numbers, so 5e-3 and 0.005 are the same).
-RESUMABLE_FLAGS = ("methods", "eval_every", "save_every", "checkpointing", "out", "resume", "overwrite", "lr")
+RESUMABLE_FLAGS = ("methods", "eval_every", "save_every", "checkpointing", "lr")
 
 
 def run_entries(out):
@@ -160,13 +160,15 @@ def prepare_out(args):
     """Makes sure this command neither wipes nor mixes the run in --out, then records its flags in <out>/args.json.
     A new run needs a folder without one (--overwrite deletes it first); --resume needs the run, with its flags."""
     path = os.path.join(args.out, "args.json")
-    flags = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "overwrite")}  # a run may move
     if args.resume:
         if not os.path.exists(path):
             raise UsageError(f"--resume: there is no run in {args.out} to continue (it has no args.json); check "
                              f"--out, or leave out --resume to start a run there.")
         run = read_json(path, "restore it, or start over with --overwrite (or another --out)")
-        show = lambda v: "unset" if v is None else ",".join(map(str, v)) if isinstance(v, list) else str(v)
+        def show(v):
+            return "unset" if v is None else ",".join(map(show, v)) if isinstance(v, list) else \
+                f"{v:g}" if isinstance(v, float) else str(v)
         changed = [f"--{'lr' if k == 'lrs' else k.replace('_', '-')} {show(run.get(k))} in the run, {show(v)} now"
                    for k, v in flags.items() if k not in RESUMABLE_FLAGS and run.get(k) != v]
         if changed:
