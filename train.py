@@ -472,7 +472,7 @@ def pretrain_tiny(folder, args, device):
         opt.zero_grad(set_to_none=True)
         progress.update(step + 1, loss.item(), opt.param_groups[0]["lr"], int(mask.sum()) / (time.time() - start))
     progress.close()
-    # The weights last, atomically: a model.safetensors in folder means the model is complete (see the top).
+    # The weights last, atomically: a model.safetensors in folder means a complete model (the check on top).
     write_json(hf_config, os.path.join(folder, "config.json"))
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "inv_freq"}
     atomic_write(os.path.join(folder, "model.safetensors"), lambda tmp: save_file(state, tmp))
