@@ -127,7 +127,8 @@ def _nusax(lang: str, split: str, cache_dir: str | None) -> list[dict]:
     rows = _read_parquet(path, ("id", "text", "label"))
     for r in rows:
         if r["label"] not in range(len(labels)):
-            raise UsageError(f"{path}: item {r['id']} has label {r['label']}, expected 0, 1 or 2 ({', '.join(labels)}).")
+            raise UsageError(f"{path}: item {r['id']} has label {r['label']}, expected 0, 1 or 2 "
+                             f"({', '.join(labels)}).")
     return [{"id": str(r["id"]), "text": r["text"], "answer": labels[r["label"]]} for r in rows]
 
 

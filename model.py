@@ -102,7 +102,8 @@ class Config:
         )
         if kind == "llama":
             if hf.get("attention_bias") or hf.get("mlp_bias"):
-                raise UsageError("Llama checkpoints with attention_bias or mlp_bias are not supported (Llama 3.x has none).")
+                raise UsageError("Llama checkpoints with attention_bias or mlp_bias are not supported "
+                                 "(Llama 3.x has none).")
             return cls(**common, tie_word_embeddings=hf.get("tie_word_embeddings", False))
         layers = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
                                            for i in range(hf["num_hidden_layers"])]
