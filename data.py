@@ -34,11 +34,14 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from model import MissingFile, UsageError
 
 
 @dataclass(frozen=True)
@@ -100,23 +103,27 @@ def _download(task: str, filename: str, cache_dir: str | None, data_dir: str | N
     if data_dir is not None:
         path = os.path.join(data_dir, repo, filename)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing from the local copy of {repo} in {data_dir}; fetch it with "
-                                    f"`{fetch} --local-dir {os.path.join(data_dir, repo)}`.")
+            raise MissingFile(f"{path} is missing from the local copy of {repo} in {data_dir}; fetch it with "
+                              f"`{fetch} --local-dir {os.path.join(data_dir, repo)}`.")
         return path
     try:
         return hf_hub_download(repo, filename, repo_type="dataset", revision=revision, cache_dir=cache_dir)
     except LocalEntryNotFoundError as e:  # offline (HF_HUB_OFFLINE=1, or no network) and not in the cache
-        raise FileNotFoundError(f"{repo}/{filename} at revision {revision} is not in the Hub cache "
-                                f"({cache_dir or constants.HF_HUB_CACHE}) and the Hub cannot be reached; fetch it "
-                                f"with `{fetch}` where the Hub can be reached, or point --data-dir to a local copy "
-                                f"of the dataset repos.") from e
+        raise MissingFile(f"{repo}/{filename} at revision {revision} is not in the Hub cache "
+                          f"({cache_dir or constants.HF_HUB_CACHE}) and the Hub cannot be reached; fetch it "
+                          f"with `{fetch}` where the Hub can be reached, or point --data-dir to a local copy "
+                          f"of the dataset repos.") from e
 
 
 def _read_parquet(path: str, columns: tuple[str, ...]) -> list[dict]:
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UsageError(f"{path} is not a readable parquet file ({e}): the download was cut short or the file is "
+                         f"damaged; delete it from the cache and run again to download it again.") from None
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise ValueError(f"{path} has no column {missing} (it has {table.column_names}); the file is not the "
+        raise UsageError(f"{path} has no column {missing} (it has {table.column_names}); the file is not the "
                          f"expected dataset version: delete it (from the Hub cache or the --data-dir copy) and fetch "
                          f"it again.")
     return table.select(list(columns)).to_pylist()
@@ -128,7 +135,7 @@ def _xnli(lang: str, split: str, cache_dir: str | None, data_dir: str | None) ->
     labels = TASKS["xnli"].labels
     for i, r in enumerate(rows):
         if r["label"] not in range(len(labels)):
-            raise ValueError(f"{path}: row {i} has label {r['label']}, expected 0, 1 or 2 ({', '.join(labels)}).")
+            raise UsageError(f"{path}: row {i} has label {r['label']}, expected 0, 1 or 2 ({', '.join(labels)}).")
     return [{"id": f"{split}-{i}", "premise": r["premise"], "hypothesis": r["hypothesis"], "answer": labels[r["label"]]}
             for i, r in enumerate(rows)]
 
@@ -139,7 +146,8 @@ def _nusax(lang: str, split: str, cache_dir: str | None, data_dir: str | None) -
     rows = _read_parquet(path, ("id", "text", "label"))
     for r in rows:
         if r["label"] not in range(len(labels)):
-            raise ValueError(f"{path}: item {r['id']} has label {r['label']}, expected 0, 1 or 2 ({', '.join(labels)}).")
+            raise UsageError(f"{path}: item {r['id']} has label {r['label']}, expected 0, 1 or 2 "
+                             f"({', '.join(labels)}).")
     return [{"id": str(r["id"]), "text": r["text"], "answer": labels[r["label"]]} for r in rows]
 
 
@@ -160,12 +168,12 @@ READERS = {"xnli": _xnli, "nusax": _nusax, "tydiqa": _tydiqa}
 
 def _check(task: str, lang: str, split: str) -> Task:
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}.")
+        raise UsageError(f"unknown task {task!r}: use one of {', '.join(TASKS)}.")
     languages = ("en",) + TASKS[task].languages
     if lang not in languages:
-        raise ValueError(f"{task} has no language {lang!r}: use one of {', '.join(languages)}.")
+        raise UsageError(f"{task} has no language {lang!r}: use one of {', '.join(languages)}.")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}.")
+        raise UsageError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}.")
     return TASKS[task]
 
 
@@ -174,7 +182,7 @@ def _items(task: str, lang: str, split: str, limit: int | None, seed: int, cache
     """The split's target-language items; with a limit, a random subset of that size (in file order) for the seed."""
     items = READERS[task](lang, split, cache_dir, data_dir)
     if not items:
-        raise ValueError(f"{task} {lang} {split} is empty: its file holds no items for it; check the language code "
+        raise UsageError(f"{task} {lang} {split} is empty: its file holds no items for it; check the language code "
                          f"and that the file is the one of the revision in data.HUB (a copy of TyDiQA's train file "
                          f"may hold only some languages).")
     if limit is None or limit >= len(items):
@@ -191,7 +199,7 @@ def load_pairs(task: str, lang: str, split: str, *, limit: int | None = None, se
     data_dir: a local copy of the dataset repos (see _download), else the Hub cache (cache_dir or the default)."""
     spec = _check(task, lang, split)
     if translations is not None and task != "tydiqa":
-        raise ValueError(f"{task} is parallel by construction; translations is for tydiqa only: leave it out.")
+        raise UsageError(f"{task} is parallel by construction; translations is for tydiqa only: leave it out.")
     if task == "synth":
         return synth_pairs(lang, split, n=limit, seed=seed)
     items = _items(task, lang, split, limit, seed, cache_dir, data_dir)
@@ -200,13 +208,13 @@ def load_pairs(task: str, lang: str, split: str, *, limit: int | None = None, se
         return [Pair(it["id"], fields(it), fields(it), it["answer"]) for it in items]
     if task == "tydiqa":
         if translations is None:
-            raise ValueError(f"tydiqa is not parallel: pass translations=<file.jsonl> with the English side of "
+            raise UsageError(f"tydiqa is not parallel: pass translations=<file.jsonl> with the English side of "
                              f"{lang} {split} (translate_tydiqa writes it).")
         return _translated_pairs(items, translations, f"tydiqa {lang} {split}")
     english = {it["id"]: it for it in READERS[task]("en", split, cache_dir, data_dir)}
     unmatched = [it["id"] for it in items if it["id"] not in english]
     if unmatched:
-        raise ValueError(f"{task} {lang} {split}: {len(unmatched)} items have no English counterpart "
+        raise UsageError(f"{task} {lang} {split}: {len(unmatched)} items have no English counterpart "
                          f"(e.g. {unmatched[:3]}); the {lang} and English files are not parallel.")
     return [Pair(it["id"], fields(it), fields(english[it["id"]]), it["answer"]) for it in items]
 
@@ -226,9 +234,20 @@ def _read_translations(path: str) -> dict[str, dict]:
                 record = json.loads(line)
                 records[record["id"]] = {k: str(record[k]) for k in ("question", "context", "answer")}
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{number}: malformed line ({e!r}); each line must be a JSON object with "
+                raise UsageError(f"{path}:{number}: malformed line ({e!r}); each line must be a JSON object with "
                                  f"id, question, context and answer. Fix or delete the line.") from None
     return records
+
+
+def _drop_unfinished_line(path: str) -> None:
+    """A crash while appending leaves a line without its newline at the end of the file: cut it off (its items are
+    translated again), so that the file reads and the next record starts on a line of its own."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        text = f.read()
+        if text and not text.endswith(b"\n"):
+            f.truncate(text.rfind(b"\n") + 1)
 
 
 def _answer_kept(english: dict) -> bool:
@@ -239,7 +258,7 @@ def _translated_pairs(items: list[dict], path: str, name: str) -> list[Pair]:
     records = _read_translations(path)
     missing = [it["id"] for it in items if it["id"] not in records]
     if missing:
-        raise ValueError(f"{path} misses translations for {len(missing)} of {len(items)} {name} items (e.g. "
+        raise UsageError(f"{path} misses translations for {len(missing)} of {len(items)} {name} items (e.g. "
                          f"{missing[:3]}): run translate_tydiqa for them first.")
     pairs = [Pair(it["id"], {"context": it["context"], "question": it["question"]}, records[it["id"]], it["answer"])
              for it in items if _answer_kept(records[it["id"]])]
@@ -270,6 +289,7 @@ def translate_tydiqa(lang: str, split: str, generate, path: str, *, limit: int |
     the context and read back from the quotes after. Returns how many of the items lost their answer."""
     _check("tydiqa", lang, split)
     items = _items("tydiqa", lang, split, limit, seed, cache_dir, data_dir)
+    _drop_unfinished_line(path)
     done = _read_translations(path)
     todo = [it for it in items if it["id"] not in done]
     language = TYDIQA_LANGUAGES[lang].capitalize()
@@ -500,7 +520,7 @@ def prompt_ids(task: Task, fields: dict, tokenizer, bos: bool = True) -> list[in
         long = tokenizer.encode(fields[task.long_field], bos=False)
         keep = len(long) - (len(ids) - task.max_length)
         if keep <= 0:
-            raise ValueError(f"a {task.name} prompt is {len(ids)} tokens with its {task.long_field} cut to nothing, "
+            raise UsageError(f"a {task.name} prompt is {len(ids)} tokens with its {task.long_field} cut to nothing, "
                              f"more than max_length={task.max_length}; shorten the other fields.")
         fields = {**fields, task.long_field: tokenizer.decode(long[:keep])}
         ids = tokenizer.encode(task.render(fields), bos=bos)

@@ -16,13 +16,15 @@ import contextlib
 import json
 import math
 import os
+import pathlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import compute_dtype
+from model import MissingFile, UsageError, compute_dtype, read_json
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("q_proj", "v_proj")  # the paper fuses in the query and value adapters only
@@ -220,22 +222,52 @@ def adapter_state(model, name):
             for n, p in m.named_parameters() if not n.startswith("base.")}
 
 
+def atomic_write(path, write):
+    """write(temporary path), then rename: a crash never leaves a half-written file under path."""
+    tmp = f"{path}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def save_adapter(model, name, folder, base_model=None):
-    """adapter.safetensors and adapter.json (rank, alpha, fusion, targets, base model) in folder."""
+    """adapter.safetensors and adapter.json (rank, alpha, fusion, targets, base model) in folder, each written
+    atomically."""
     os.makedirs(folder, exist_ok=True)
-    save_file(adapter_state(model, name), os.path.join(folder, "adapter.safetensors"))
-    with open(os.path.join(folder, "adapter.json"), "w") as f:
-        json.dump({**adapter_config(model, name), "base_model": base_model}, f, indent=2)
+    state, config = adapter_state(model, name), {**adapter_config(model, name), "base_model": base_model}
+    atomic_write(os.path.join(folder, "adapter.safetensors"), lambda tmp: save_file(state, tmp))
+    atomic_write(os.path.join(folder, "adapter.json"),
+                 lambda tmp: pathlib.Path(tmp).write_text(json.dumps(config, indent=2)))
+
+
+ADAPTER_KEYS = ("name", "r", "alpha", "dropout", "fusion", "targets")
+
+
+def read_adapter_config(folder):
+    """adapter.json of a saved adapter; an incomplete or damaged one is an error that names it."""
+    path = os.path.join(folder, "adapter.json")
+    if not os.path.exists(path):
+        raise MissingFile(f"{folder} holds no adapter.json: point to a folder written by save_adapter "
+                          f"(<out>/stage1/adapter or <out>/<method>/adapter of a run).")
+    cfg = read_json(path, "rerun the stage that wrote it")
+    missing = [k for k in ADAPTER_KEYS if k not in cfg]
+    if missing:
+        raise UsageError(f"{path} has no {', '.join(missing)}: the file is incomplete; rerun the stage that wrote it.")
+    return cfg
 
 
 def load_adapter(model, folder, name=None):
     """Adds the saved adapter to the model (under its saved name, or `name`) and fills it."""
-    with open(os.path.join(folder, "adapter.json")) as f:
-        cfg = json.load(f)
+    cfg = read_adapter_config(folder)
+    path = os.path.join(folder, "adapter.safetensors")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{path} is not a readable safetensors file ({e}): it is damaged or was cut short; "
+                         f"rerun the stage that wrote it.") from None
     name = name or cfg["name"]
     add_lora(model, name, cfg["r"], cfg["alpha"], cfg["dropout"], cfg["fusion"], tuple(cfg["targets"]))
     try:
-        set_adapter_state(model, name, load_file(os.path.join(folder, "adapter.safetensors")), folder)
+        set_adapter_state(model, name, state, folder)
     except Exception:
         remove(model, name)  # a file that does not fit leaves the model as it was
         raise
@@ -247,12 +279,12 @@ def set_adapter_state(model, name, state, where="the given state"):
     params = {f"{path}.{n}": p for path, m in adapters(model, name) for n, p in m.named_parameters()
               if not n.startswith("base.")}
     if set(state) != set(params):
-        raise ValueError(f"{where} does not fit adapter {name!r}: missing {sorted(set(params) - set(state))[:5]}, "
+        raise UsageError(f"{where} does not fit adapter {name!r}: missing {sorted(set(params) - set(state))[:5]}, "
                          f"unexpected {sorted(set(state) - set(params))[:5]}")
     with torch.no_grad():
         for key, value in state.items():
             if value.shape != params[key].shape:
-                raise ValueError(f"{key}: saved shape {tuple(value.shape)}, model expects {tuple(params[key].shape)}")
+                raise UsageError(f"{key}: saved shape {tuple(value.shape)}, model expects {tuple(params[key].shape)}")
             params[key].copy_(value)
 
 

@@ -14,12 +14,39 @@ import json
 import math
 import os
 import sys
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+
+class UsageError(ValueError):
+    """The user's input is at fault (a flag, a path, a file's contents): the message names it and says what to do.
+    train.py ends with the message alone, without a traceback (internal errors keep theirs)."""
+
+
+class MissingFile(UsageError, FileNotFoundError):
+    """A UsageError about a file or folder that is not there."""
+
+
+class NoAccess(UsageError, PermissionError):
+    """A UsageError about a file the user may not read (a gated Hub repo)."""
+
+
+def read_json(path, remedy):
+    """The JSON object in path; a file cut short or not JSON is an error naming it, with remedy (what to do)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e}): the file is damaged or was cut short; {remedy}.") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path} holds a JSON {type(obj).__name__}, not an object; {remedy}.")
+    return obj
+
 
 ALIASES = {
     "llama3.1-8b": "meta-llama/Llama-3.1-8B",
@@ -86,14 +113,14 @@ class Config:
         (transformers 5; Gemma 3's holds one entry per layer type). Of a multimodal Gemma 3, its text_config."""
         kind = hf.get("model_type")
         if kind not in ARCHITECTURES:
-            raise ValueError(f"model_type {kind!r} is not supported; flare implements {', '.join(ARCHITECTURES)} "
+            raise UsageError(f"model_type {kind!r} is not supported; flare implements {', '.join(ARCHITECTURES)} "
                              f"(Llama 3.x, Gemma 2, Gemma 3). Pick one of: {', '.join(ALIASES)}.")
         if kind == "gemma3":  # the text decoder of the multimodal checkpoint
             hf, kind = hf.get("text_config") or {}, "gemma3_text"
         if kind == "gemma3_text":
             hf = {**GEMMA3_TEXT_DEFAULTS, **hf}
             if hf["use_bidirectional_attention"]:
-                raise ValueError("use_bidirectional_attention is set: that is EmbeddingGemma, an encoder, and flare "
+                raise UsageError("use_bidirectional_attention is set: that is EmbeddingGemma, an encoder, and flare "
                                  "needs a causal decoder (use a Gemma 3 language model such as gemma3-270m).")
         rope = hf.get("rope_parameters") or {}
         if kind == "gemma3_text" and "full_attention" in rope:  # transformers 5: one RoPE per layer type
@@ -111,7 +138,8 @@ class Config:
         )
         if kind == "llama":
             if hf.get("attention_bias") or hf.get("mlp_bias"):
-                raise ValueError("Llama checkpoints with attention_bias or mlp_bias are not supported (Llama 3.x has none).")
+                raise UsageError("Llama checkpoints with attention_bias or mlp_bias are not supported "
+                                 "(Llama 3.x has none).")
             return cls(**common, tie_word_embeddings=hf.get("tie_word_embeddings", False))
         gemma2 = kind == "gemma2"
         # Gemma 2 alternates sliding and full layers; Gemma 3 has one full layer in every sliding_window_pattern.
@@ -121,7 +149,7 @@ class Config:
         if not gemma2:
             sliding_theta, sliding_scaling = parse_rope(sliding_rope)
             if sliding_scaling is not None:
-                raise ValueError(f"Gemma 3's sliding layers take unscaled RoPE, but config.json scales them with "
+                raise UsageError(f"Gemma 3's sliding layers take unscaled RoPE, but config.json scales them with "
                                  f"{sliding_scaling}: the checkpoint is not a Gemma 3 flare implements.")
         return cls(**common, tie_word_embeddings=hf.get("tie_word_embeddings", True), embed_scale=True,
                    norm_offset=True, sandwich_norms=True, gelu=True, query_scale=hf["query_pre_attn_scalar"] ** -0.5,
@@ -138,7 +166,7 @@ def parse_rope(rope: dict) -> tuple[float, dict | None]:
     theta = rope.pop("rope_theta")
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))  # "type": older config.json files
     if rope_type not in ("default", "linear", "llama3"):
-        raise ValueError(f"rope type {rope_type!r} is not supported (only 'default', 'linear' and 'llama3').")
+        raise UsageError(f"rope type {rope_type!r} is not supported (only 'default', 'linear' and 'llama3').")
     return theta, None if rope_type == "default" else {"rope_type": rope_type, **rope}
 
 
@@ -380,38 +408,53 @@ class Transformer(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- loading
 
+HUB_ID = re.compile(r"\w[\w.-]*/[\w.-]*\w")  # owner/name, as the Hub spells repo ids
+
+
 def resolve(name_or_path: str) -> str:
     """A local folder as it is; an alias or Hub repo id downloaded (config, tokenizer, safetensors only)."""
     if os.path.isdir(name_or_path):
         return name_or_path
+    if os.path.exists(name_or_path):
+        raise UsageError(f"model {name_or_path} is a file: a local model is a folder with config.json, "
+                         f"tokenizer.json and *.safetensors.")
     repo = ALIASES.get(name_or_path, name_or_path)
-    if "/" not in repo:
-        raise ValueError(f"unknown model {name_or_path!r}: use one of {', '.join(ALIASES)}, a Hub repo id "
-                         f"(owner/name) or a local folder with config.json and *.safetensors.")
+    if not HUB_ID.fullmatch(repo):
+        if any(c in name_or_path for c in "/\\") or name_or_path.startswith((".", "~")):  # meant as a path
+            raise MissingFile(f"the model folder {name_or_path} does not exist: check the path (a local model is a "
+                              f"folder with config.json, tokenizer.json and *.safetensors).")
+        raise UsageError(f"unknown model {name_or_path!r}: it is neither a local folder, nor a known alias "
+                         f"({', '.join(ALIASES)}), nor a Hub repo id (owner/name).")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
     try:
         return snapshot_download(repo, allow_patterns=["config.json", "generation_config.json", "tokenizer.json",
                                                        "tokenizer_config.json", "special_tokens_map.json",
                                                        "*.safetensors", "model.safetensors.index.json"],
                                  ignore_patterns=["original/*"])
     except GatedRepoError as e:
-        raise PermissionError(f"{repo} is gated: accept its licence on https://huggingface.co/{repo} and log in with "
-                              f"a token that has access (`hf auth login` or HF_TOKEN=...).") from e
+        raise NoAccess(f"{repo} is gated: accept its licence on https://huggingface.co/{repo} and log in with "
+                       f"a token that has access (`hf auth login` or HF_TOKEN=...).") from e
     except RepositoryNotFoundError as e:
-        raise ValueError(f"{repo} was not found on the Hub (or is private): check the name, or pass one of "
+        raise UsageError(f"{repo} was not found on the Hub (or is private): check the name, or pass one of "
                          f"{', '.join(ALIASES)} or a local folder.") from e
+    except LocalEntryNotFoundError as e:  # offline, and not in the Hub cache either
+        raise MissingFile(f"{name_or_path} is no local folder, and {repo} could not be downloaded from the Hub nor "
+                          f"found in its local cache: connect to the internet (or log in), or pass a local "
+                          f"folder.") from e
 
 
 def checkpoint_files(folder: str) -> list[str]:
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            return sorted({os.path.join(folder, name) for name in json.load(f)["weight_map"].values()})
+        weight_map = read_json(index, "download the model again").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UsageError(f"{index} has no weight_map: the file is incomplete; download the model again.")
+        return sorted({os.path.join(folder, name) for name in weight_map.values()})
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors in {folder}: flare reads safetensors only (convert .bin "
-                                f"checkpoints with transformers' save_pretrained(safe_serialization=True)).")
+        raise MissingFile(f"no *.safetensors in {folder}: flare reads safetensors only (convert .bin "
+                          f"checkpoints with transformers' save_pretrained(safe_serialization=True)).")
     return files
 
 
@@ -421,11 +464,14 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu") -> Transfo
     folder = resolve(name_or_path)
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{folder} has no config.json: point to a Hugging Face model folder "
-                                f"(config.json, tokenizer.json, *.safetensors).")
-    with open(config_path) as f:
-        hf_config = json.load(f)
-    config = Config.from_hf(hf_config)
+        raise MissingFile(f"{folder} has no config.json: point to a Hugging Face model folder "
+                          f"(config.json, tokenizer.json, *.safetensors).")
+    hf_config = read_json(config_path, "download the model again")
+    try:
+        config = Config.from_hf(hf_config)
+    except KeyError as e:
+        raise UsageError(f"{config_path} has no field {e.args[0]!r}, which a {hf_config.get('model_type')} config "
+                         f"needs: the file is incomplete; download the model again.") from None
     multimodal = hf_config.get("model_type") == "gemma3"
     files = checkpoint_files(folder)
     with torch.device("meta"):
@@ -437,8 +483,12 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu") -> Transfo
     params = dict(model.named_parameters())
     missing, unexpected, skipped = set(params), [], {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        try:
+            with safe_open(path, framework="pt") as f:
+                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise UsageError(f"{path} is not a readable safetensors file ({e}): it is damaged or was cut short; "
+                             f"delete it and download (or convert) the model again.") from None
         for stored, shape in shapes.items():
             name = stored
             if multimodal:
@@ -454,7 +504,7 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu") -> Transfo
                     unexpected.append(stored)
                 continue
             if shape != tuple(params[name].shape):
-                raise ValueError(f"{stored} in {path} has shape {shape}, but config.json implies "
+                raise UsageError(f"{stored} in {path} has shape {shape}, but config.json implies "
                                  f"{tuple(params[name].shape)}: the checkpoint does not match its config.")
             # The file is opened per tensor: safe_open memory-maps it, and the pages read stay resident until it is
             # closed, which would hold a second copy of a one-file checkpoint next to the weights.
@@ -462,7 +512,7 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu") -> Transfo
                 params[name].copy_(f.get_tensor(stored))
             missing.discard(name)
     if unexpected or missing:
-        raise ValueError(f"checkpoint {folder} does not match the {config_path} architecture: "
+        raise UsageError(f"checkpoint {folder} does not match the {config_path} architecture: "
                          f"missing tensors {sorted(missing)[:10]}, unexpected tensors {sorted(unexpected)[:10]}"
                          f" ({len(missing)} missing, {len(unexpected)} unexpected in all).")
     if skipped:
@@ -478,13 +528,16 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{folder} has no tokenizer.json (flare reads the fast-tokenizer file only).")
-        self.tok = HFTokenizer.from_file(path)
+            raise MissingFile(f"{folder} has no tokenizer.json (flare reads the fast-tokenizer file only).")
+        try:
+            self.tok = HFTokenizer.from_file(path)
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise UsageError(f"{path} is not a readable tokenizer ({e}): it is damaged or was cut short; "
+                             f"download the model again.") from None
         special = {}
         for name in ("tokenizer_config.json", "config.json"):
             if os.path.exists(os.path.join(folder, name)):
-                with open(os.path.join(folder, name)) as f:
-                    special = {**json.load(f), **special}
+                special = {**read_json(os.path.join(folder, name), "download the model again"), **special}
         self.bos_id = self._id(special, "bos")
         self.eos_id = self._id(special, "eos")
         pad = self._id(special, "pad", required=False)
@@ -500,7 +553,7 @@ class Tokenizer:
         if isinstance(value, list):
             value = value[0]
         if value is None and required:
-            raise ValueError(f"no {kind} token in tokenizer_config.json or config.json")
+            raise UsageError(f"no {kind} token in tokenizer_config.json or config.json")
         return value
 
     def encode(self, text: str, bos: bool = True) -> list[int]:

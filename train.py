@@ -10,7 +10,8 @@ Methods (--methods, comma-separated, sharing one stage-1 run):
     translate-test  the stage-1 model on the English translation of the test set
     zero-shot       the stage-1 model on the target test set
 Everything lands in --out: the stage-1 adapter, one folder per method (log.jsonl, checkpoint.pt, the best
-adapter), results.json and results.md. TyDiQA without --translations is first translated into English by the model
+adapter), results.json and results.md, the run's flags in args.json (a folder holding a run takes only --resume, with
+the same flags, or --overwrite). TyDiQA without --translations is first translated into English by the model
 itself (few-shot, greedy), cached in --out/translations-<lang>.jsonl.
 """
 import argparse
@@ -19,6 +20,8 @@ import json
 import math
 import os
 import pathlib
+import shutil
+import signal
 import sys
 import time
 
@@ -27,7 +30,8 @@ import torch.nn.functional as F
 
 import data
 import flare
-from model import Config, Transformer, load_model, load_tokenizer
+from flare import atomic_write
+from model import Config, MissingFile, Transformer, UsageError, load_model, load_tokenizer, read_json
 
 METHODS = ("flare", "lora", "input-fusion", "translate-test", "zero-shot")
 EVAL_ONLY = ("translate-test", "zero-shot")  # the stage-1 model as it is: no target training, no target train split
@@ -74,7 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None, help="local copy of the dataset repos, DIR/<owner>/<repo>/<file> as "
                    "`hf download <repo> --repo-type dataset --local-dir DIR/<repo>` leaves it (default: the Hub cache)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<model>-<task>-<lang>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints (with the "
+                   "flags it was started with; --methods may add methods)")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --out (results, logs, checkpoints, "
+                   "adapters) and start over")
     args = p.parse_args(argv)
     if args.model is None:
         args.model = "llama3.1-8b" if torch.cuda.is_available() else "tiny"
@@ -95,7 +102,7 @@ def parse_args(argv=None):
     args.lang = args.lang or (task.languages[0] if len(task.languages) == 1 else "sw" if args.task == "xnli" else None)
     if args.lang not in task.languages:
         p.error(f"--lang {args.lang!r} is not a target language of {args.task}; choose one of {', '.join(task.languages)}")
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
     bad = [m for m in args.methods if m not in METHODS]
     if bad or not args.methods:
         p.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
@@ -103,14 +110,36 @@ def parse_args(argv=None):
         args.lrs = [float(x) for x in args.lr.split(",")]
     except ValueError:
         p.error(f"--lr {args.lr!r} is not a number or comma-separated numbers")
+    folders = [f"lr{lr:g}" for lr in args.lrs]  # each rate trains into its own folder
+    if len(set(folders)) < len(folders):
+        twice = next(f for f in folders if folders.count(f) > 1)[2:]
+        p.error(f"--lr {args.lr} gives the rate {twice} twice (rates equal to 6 digits are one): give each rate once")
     for name in ("rank", "batch_size", "grad_accum", "eval_every", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.epochs <= 0 or min(args.lrs) <= 0:
-        p.error("--epochs and --lr must be positive")
-    if args.stage1 and not os.path.exists(os.path.join(args.stage1, "adapter.json")):
-        p.error(f"--stage1 {args.stage1} holds no adapter.json: point it to a saved stage-1 adapter folder "
-                f"(<out>/stage1/adapter of an earlier run)")
+    for name, unset in (("max_length", "the task's length"), ("max_train", "all the data"),
+                        ("stage1_max_train", "all the data"), ("max_eval", "all the data")):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1 (leave it out for {unset})")
+    if not all(math.isfinite(v) and v > 0 for v in (args.epochs, *args.lrs)):
+        p.error(f"--epochs and --lr must be positive and finite (got --epochs {args.epochs:g}, --lr {args.lr})")
+    for name in ("stage1_lr", "alpha"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            p.error(f"--{name.replace('_', '-')} must be positive and finite (got {getattr(args, name):g})")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout is the share of inputs dropped: at least 0 and below 1 (got {args.dropout:g})")
+    if not 0 <= args.seed < 2 ** 32:
+        p.error(f"--seed must be at least 0 and below 2**32 (got {args.seed})")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out and --overwrite deletes it: give one of them")
+    if args.stage1:
+        try:
+            fusion = flare.read_adapter_config(args.stage1)["fusion"]
+        except UsageError as e:
+            p.error(f"--stage1 {e}")
+        if fusion is not None:  # a fused adapter would switch itself off in the source pass (flare.py)
+            p.error(f"--stage1 {args.stage1} is a FLARE adapter (fusion {fusion}); stage 1 is a plain LoRA: point it "
+                    f"to <out>/stage1/adapter of an earlier run")
     if args.data_dir and args.task == "synth":
         p.error("--task synth is generated here and reads no files: leave out --data-dir")
     if args.data_dir and not os.path.isdir(args.data_dir):
@@ -120,14 +149,55 @@ def parse_args(argv=None):
     return args
 
 
+# ------------------------------------------------------------------------------------------ the run folder
+# Flags a resumed run may change: none of them changes what is trained or how it is tested. --methods may add
+# methods to a run; lr is compared as lrs (the rates as numbers, so 5e-3 and 0.005 are the same).
+RESUMABLE_FLAGS = ("methods", "eval_every", "save_every", "checkpointing", "lr")
+
+
+def run_entries(out):
+    """What a run wrote into out besides args.json; the tiny demo model is a base model, not part of a run."""
+    if not os.path.isdir(out):
+        return []
+    return [name for name in sorted(os.listdir(out)) if name in ("results.json", "results.md", "stage1", *METHODS)
+            or name.startswith("translations-") and name.endswith(".jsonl")]
+
+
+def prepare_out(args):
+    """Makes sure this command neither wipes nor mixes the run in --out, then records its flags in <out>/args.json.
+    A new run needs a folder without one (--overwrite deletes it first); --resume needs the run, with its flags."""
+    path = os.path.join(args.out, "args.json")
+    flags = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "overwrite")}  # a run may move
+    if args.resume:
+        if not os.path.exists(path):
+            raise UsageError(f"--resume: there is no run in {args.out} to continue (it has no args.json); check "
+                             f"--out, or leave out --resume to start a run there.")
+        run = read_json(path, "restore it, or start over with --overwrite (or another --out)")
+        def show(v):
+            return "unset" if v is None else ",".join(map(show, v)) if isinstance(v, list) else \
+                f"{v:g}" if isinstance(v, float) else str(v)
+        changed = [f"--{'lr' if k == 'lrs' else k.replace('_', '-')} {show(run.get(k))} in the run, {show(v)} now"
+                   for k, v in flags.items() if k not in RESUMABLE_FLAGS and run.get(k) != v]
+        if changed:
+            raise UsageError(f"--resume: the run in {args.out} has other flags: {'; '.join(changed)}. Continue it "
+                             f"with its own flags ({path}), or start a new run in another --out (or with --overwrite).")
+        flags["methods"] = run.get("methods", []) + [m for m in args.methods if m not in run.get("methods", [])]
+    else:
+        held = run_entries(args.out)
+        if held and not args.overwrite:
+            raise UsageError(f"{args.out} holds a run ({', '.join(held)}): add --resume to continue it, pick another "
+                             f"--out for a new run, or add --overwrite to delete it and start over.")
+        if held and args.stage1 and os.path.abspath(args.stage1).startswith(os.path.abspath(args.out) + os.sep):
+            raise UsageError(f"--stage1 {args.stage1} lies in {args.out}, which --overwrite deletes: copy the adapter "
+                             f"elsewhere first.")
+        for name in held:
+            entry = os.path.join(args.out, name)
+            shutil.rmtree(entry) if os.path.isdir(entry) else os.remove(entry)
+    os.makedirs(args.out, exist_ok=True)
+    write_json(flags, path)
+
+
 # ------------------------------------------------------------------------------------------ small utilities
-
-def atomic_write(path, write):
-    """write(temporary path), then rename: a crash never leaves a half-written checkpoint or results file."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
 
 def write_json(obj, path):
     atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
@@ -242,16 +312,20 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
         atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = load_checkpoint(ckpt_path)
         flare.set_adapter_state(model, name, ck["adapter"], ckpt_path)
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         step, best, best_state = ck["step"], ck["best"], ck["best_state"]
         if os.path.exists(log_path):  # a crash leaves steps after the checkpoint in the log: they run again
             with open(log_path) as f:
-                kept = f.readlines()[:step]
-            with open(log_path, "w") as f:
-                f.writelines(kept)
+                lines = f.readlines()
+            if lines and not lines[-1].endswith("\n"):  # a record cut short: the next one must not be glued to it
+                lines.pop()
+            atomic_write(log_path, lambda tmp: pathlib.Path(tmp).write_text("".join(lines[:step])))
+            if len(lines) < step:
+                print(f"{log_path} lacks the records of steps {len(lines) + 1} to {step} (the file was cut short); "
+                      f"training goes on from the checkpoint", file=sys.stderr)
         print(f"resuming {folder} at step {step}/{total}", file=sys.stderr)
     else:  # a fresh run: nothing of an earlier one in this folder may be resumed or appended to
         for stale in (log_path, ckpt_path):
@@ -279,7 +353,7 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
                 if not torch.isfinite(loss):
                     kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else \
                         f"no checkpoint was saved yet (--save-every {args.save_every})"
-                    raise FloatingPointError(
+                    raise Diverged(
                         f"{method}: the loss is {loss.item()} at step {step + 1}; stopped, {kept}. Lower --lr "
                         f"(now {lr:g}) or use --precision fp32, then rerun with --resume.")
                 (loss / args.grad_accum).backward()
@@ -313,6 +387,27 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
     flare.set_adapter_state(model, name, best_state)  # keep the best adapter by validation
     flare.save_adapter(model, name, os.path.join(folder, "adapter"), base_model=args.model)
     return best
+
+
+class Diverged(UsageError, FloatingPointError):
+    """The loss is no longer finite: the rate is too high for the run (a UsageError, it ends in one line)."""
+
+
+CHECKPOINT_KEYS = ("adapter", "optimizer", "scheduler", "step", "best", "best_state")
+
+
+def load_checkpoint(path):
+    """checkpoint.pt as train_adapter saves it; a damaged one is an error that says how to go on without it."""
+    try:
+        ck = torch.load(path, weights_only=False)
+        problem = None if isinstance(ck, dict) and all(k in ck for k in CHECKPOINT_KEYS) else "not a flare checkpoint"
+    except Exception as e:  # a cut zip archive, a pickle or an EOF error, depending on where the file ends
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise UsageError(f"{path} is not a readable checkpoint ({problem}): the file is damaged or was cut short; "
+                         f"delete it and rerun with --resume to train this stage again from its first step (the "
+                         f"rest of the run is kept).")
+    return ck
 
 
 def run_method(model, tok, task, splits, method, args, device):
@@ -384,9 +479,10 @@ def pretrain_tiny(folder, args, device):
         opt.zero_grad(set_to_none=True)
         progress.update(step + 1, loss.item(), opt.param_groups[0]["lr"], int(mask.sum()) / (time.time() - start))
     progress.close()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "inv_freq"},
-              os.path.join(folder, "model.safetensors"))
+    # The weights last, atomically: a model.safetensors in folder means a complete model (the check on top).
     write_json(hf_config, os.path.join(folder, "config.json"))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "inv_freq"}
+    atomic_write(os.path.join(folder, "model.safetensors"), lambda tmp: save_file(state, tmp))
 
 
 PRETRAIN_STEPS = 400
@@ -398,7 +494,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    prepare_out(args)
     if args.model == "tiny":
         model_path = os.path.join(args.out, "tiny-model")
         pretrain_tiny(model_path, args, device)
@@ -432,8 +528,8 @@ def main(argv=None):
             english = {s: load("en", s, args.stage1_max_train if s == "train" else args.max_eval)
                        for s in ("train", "validation")}
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e}\nStage 1 trains on the English train and validation splits; without them, "
-                                    f"reuse a stage-1 adapter trained elsewhere: --stage1 <run>/stage1/adapter.") from e
+            raise MissingFile(f"{e} Stage 1 trains on the English train and validation splits; without them, "
+                              f"reuse a stage-1 adapter trained elsewhere: --stage1 <run>/stage1/adapter.") from e
         torch.manual_seed(args.seed)
         flare.add_lora(model, "task", args.rank, args.alpha, args.dropout)
         train_adapter(model, tok, task, english["train"], english["validation"], "english", "task",
@@ -441,7 +537,8 @@ def main(argv=None):
     model.requires_grad_(False)
 
     results_path = os.path.join(args.out, "results.json")
-    results = json.load(open(results_path)) if args.resume and os.path.exists(results_path) else {}
+    results = read_json(results_path, "delete it and rerun with --resume, which tests the trained methods again from "
+                        "their checkpoints") if args.resume and os.path.exists(results_path) else {}
     for method in args.methods:
         if method in results:
             print(f"{method}: done before, kept", file=sys.stderr)
@@ -467,5 +564,22 @@ def results_table(results, task, args):
     return head + "\n".join(lines)
 
 
+def interrupt(signum, frame):
+    """SIGTERM, which cluster schedulers send before they kill a job, takes Ctrl-C's path: a checkpoint, then exit."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def cli(argv=None):
+    """The command line: main, with SIGTERM handled like Ctrl-C and a user error ending in its one-line message
+    (an internal error keeps its traceback)."""
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        main(argv)
+    except UsageError as e:
+        sys.exit(f"flare: {e}")
+    except KeyboardInterrupt:  # outside a training loop, where nothing is lost that --resume does not redo
+        sys.exit("flare: interrupted; continue with the same command and --resume")
+
+
 if __name__ == "__main__":
-    main()
+    cli()
