@@ -279,7 +279,7 @@ def test_a_damaged_parquet_download_is_named(tmp_path, monkeypatch):
     path = tmp_path / "test-00000-of-00001.parquet"
     shutil.copy(os.path.join(ROOT, "tests", "fixtures", "xnli", "sw", "test-00000-of-00001.parquet"), path)
     cut(path)
-    monkeypatch.setattr(data, "_download", lambda task, filename, cache_dir: str(path))
+    monkeypatch.setattr(data, "_download", lambda task, filename, cache_dir, data_dir: str(path))
     with pytest.raises(model.UsageError, match=re.escape(f"{path} is not a readable parquet file (")):
         data.load_pairs("xnli", "sw", "test")
 
@@ -308,7 +308,7 @@ def test_a_crash_while_saving_the_tiny_model_leaves_no_half_file_for_the_next_ru
 
 def test_a_half_written_last_line_of_the_translations_cache_is_translated_again(tmp_path, monkeypatch):
     from test_data import FIXTURES, fake_model
-    monkeypatch.setattr(data, "_download", lambda task, filename, cache_dir: os.path.join(FIXTURES, task, filename))
+    monkeypatch.setattr(data, "_download", lambda task, filename, cache_dir, data_dir: os.path.join(FIXTURES, task, filename))
     whole, path = tmp_path / "whole.jsonl", tmp_path / "cache.jsonl"
     fake_model.calls = 0
     data.translate_tydiqa("sw", "test", fake_model, str(whole), batch_size=2)
