@@ -52,11 +52,11 @@ def count_calls(monkeypatch, fail_at=None, error=None, nan_at=None):
     was running in (None when off)."""
     real, calls = train.lm_loss, []
 
-    def lm_loss(logits, labels):
+    def lm_loss(logits, targets):
         calls.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
         if len(calls) == fail_at:
             raise error
-        loss = real(logits, labels)
+        loss = real(logits, targets)
         return loss * float("nan") if len(calls) == nan_at else loss
     monkeypatch.setattr(train, "lm_loss", lm_loss)
     return calls
