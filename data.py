@@ -483,6 +483,11 @@ def prompt_ids(task: Task, fields: dict, tokenizer, bos: bool = True) -> list[in
     return ids
 
 
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    """The tokens that follow a prompt: the answer, then EOS."""
+    return tokenizer.encode(answer, bos=False) + [tokenizer.eos_id]
+
+
 def make_batch(pairs: list[Pair], tokenizer, task: Task, *, answers: list[str] | bool | None = None,
                source: bool = True, input_fusion: bool = False, english_only: bool = False) -> Batch:
     """Tokens for a list of pairs. answers: None appends each gold answer, a list appends those strings (to score
@@ -504,14 +509,13 @@ def make_batch(pairs: list[Pair], tokenizer, task: Task, *, answers: list[str] |
     if answers is not False and len(answers) != len(pairs):
         raise ValueError(f"{len(answers)} answers for {len(pairs)} pairs; pass one per pair, or answers=False for "
                          f"prompts only.")
-    answer_ids = [[] for _ in pairs] if answers is False else \
-        [tokenizer.encode(a, bos=False) + [tokenizer.eos_id] for a in answers]
+    answer_tokens = [[] for _ in pairs] if answers is False else [answer_ids(tokenizer, a) for a in answers]
     P = max(len(ids) for ids in prompts + (sources or []))
-    T = P + max(len(ids) for ids in answer_ids)
+    T = P + max(len(ids) for ids in answer_tokens)
     input_ids = torch.full((len(pairs), T), tokenizer.pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(pairs), T), dtype=torch.long)
     labels = torch.full((len(pairs), T), -100, dtype=torch.long)
-    for i, (prompt, answer) in enumerate(zip(prompts, answer_ids)):
+    for i, (prompt, answer) in enumerate(zip(prompts, answer_tokens)):
         input_ids[i, P - len(prompt):P + len(answer)] = torch.tensor(prompt + answer, dtype=torch.long)
         attention_mask[i, P - len(prompt):P + len(answer)] = 1
         labels[i, P:P + len(answer)] = torch.tensor(answer, dtype=torch.long)

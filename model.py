@@ -267,8 +267,8 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
 
     def forward(self, input_ids, attention_mask=None, source=None, cache=None, checkpoint=False, layer_inputs=None,
-                last_only=False):
-        """Logits (B, T, vocab) in fp32.
+                logits_at=None):
+        """Logits (B, T, vocab) in fp32, or (B, K, vocab) at the positions logits_at asks for.
 
         attention_mask: (B, S) with 1 for real tokens and 0 for (left) padding; S = T, or with a cache, every
             position so far including these T. Positions count real tokens only, as in transformers.
@@ -279,8 +279,10 @@ class Transformer(nn.Module):
             an argument, so it is fused in the recomputation too.
         layer_inputs: "normed" or "residual": return each layer's input (after or before input_layernorm)
             instead of logits; this is the source pass (flare.source_representations).
-        last_only: logits of the last position only, (B, 1, vocab): all that greedy decoding needs (the lm_head
-            over a whole prompt of P tokens costs as much as the lm_heads of P decoding steps).
+        logits_at: (B, K) positions (of these T) whose logits are wanted, gathered from the last hidden state
+            before the final norm and lm_head; None: every position. The lm_head and the fp32 logits cost B x T x
+            vocab, while training reads only the few positions whose next token is labelled and greedy decoding
+            only the last.
         """
         c, (B, T) = self.config, input_ids.shape
         start = cache.length if cache is not None else 0
@@ -318,7 +320,9 @@ class Transformer(nn.Module):
             cache.length += T
         if layer_inputs is not None:
             return reps
-        h = self.model.norm(h[:, -1:] if last_only else h)
+        if logits_at is not None:
+            h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))  # (B, K, hidden)
+        h = self.model.norm(h)
         logits = (self.lm_head(h) if self.lm_head is not None else h @ self.model.embed_tokens.weight.T).float()
         if c.final_softcap:
             logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
@@ -336,7 +340,8 @@ class Transformer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         tokens, mask, out = input_ids, attention_mask, []
         for _ in range(max_new_tokens):
-            next_token = self(tokens, mask, source=source, cache=cache, last_only=True)[:, -1].argmax(-1)
+            last = torch.full((B, 1), tokens.shape[1] - 1, device=tokens.device)
+            next_token = self(tokens, mask, source=source, cache=cache, logits_at=last)[:, 0].argmax(-1)
             next_token = torch.where(done, eos[0], next_token)
             out.append(next_token)
             done |= torch.isin(next_token, eos)
