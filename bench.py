@@ -1,17 +1,22 @@
-"""How flare compares with transformers + peft, and what FLARE costs against its alternatives (issue 6).
+"""How flare compares with transformers + peft, and what FLARE costs against its alternatives.
 
     python bench.py                      # cuda if available, else cpu; writes bench/results-<device>.json
     python bench.py --quick              # small sizes, few repeats: a smoke run
 
 One invocation, one code path for CPU and CUDA, both sides of every ratio in the same run:
 
-  1. LoRA training step (forward, backward, AdamW; r=8 on every linear of every layer): ours vs transformers + peft,
-     on the same random Llama (transformers with attn_implementation="sdpa").
+  1. LoRA training step (forward, backward, AdamW; r=8 on every linear of every layer): ours (train.py's loss, from
+     the labelled answer tokens' logits only) vs transformers + peft as a user runs it (labels in: every position's
+     logits), on the same random Llama (transformers with attn_implementation="sdpa").
   2. FLARE step (no-grad English source pass + fused target forward + backward + AdamW) vs our LoRA step.
   3. Input-fusion step (plain LoRA on English + target, twice as long) vs the FLARE step.
   4. Peak memory of a FLARE step vs a LoRA step.
   5. Loading a sharded bf16 checkpoint of about 1B random parameters, each side in a fresh subprocess.
   6. Batched greedy generation with the KV cache: ours vs transformers' generate.
+  7. Classification evaluation: train.evaluate vs transformers + peft scoring each label with its own forward.
+  8. The cost model: FLOPs and peak memory of one train.py step at the shapes of Llama 3.1 8B / 70B, Gemma 2 9B
+     and Gemma 3 270M, on fake tensors (nothing allocated), checked against a measured step at the small size.
+  9. With --device cuda: those steps on random-initialised real-shape models: time, tokens/s, MFU, peak memory.
 
 Times are medians over repeats; the sides of a comparison run interleaved (A B A B ...) after warm-up, so a noisy
 machine slows both alike. fp32 on CPU; on CUDA bf16 weights with fp32 adapters under bf16 autocast, on both sides.
@@ -37,14 +42,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import flop_registry
 
 import data
 import flare
 import model as flare_model
 import train
 
-# The small random Llama of the training and generation benchmarks (issue 6: hidden 512, 4 layers, vocab 32k).
+# The small random Llama of the training and generation benchmarks (hidden 512, 4 layers, vocab 32k).
 SIZES = dict(hidden=512, intermediate=1536, layers=4, heads=8, kv_heads=4, vocab=32000, batch=8, seq=128,
              prompt=64, new_tokens=64, repeats=20, load_repeats=3, eval_items=64)
 QUICK = dict(hidden=256, intermediate=768, layers=2, heads=4, kv_heads=2, vocab=8000, batch=2, seq=64,
@@ -115,9 +120,13 @@ def per_round(a, b):
 
 # ---------------------------------------------------------------------------------------------- training steps
 
-def causal_lm_loss(logits, ids):
-    """The same next-token loss on both sides (fp32, as transformers' ForCausalLMLoss)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+ANSWER = 3  # labelled tokens at the end of each training sequence: a label word of two tokens + EOS
+
+
+def labelled(ids):
+    """A data.Batch of ids (no padding) whose last ANSWER tokens are the answer, as data.make_batch lays it out."""
+    labels = ids.masked_fill(torch.arange(ids.shape[1], device=ids.device) < ids.shape[1] - ANSWER, -100)
+    return data.Batch(ids, torch.ones_like(ids), labels, None, None, ids.shape[1] - ANSWER)
 
 
 def training_setup(folder, s, device, dtype):
@@ -136,9 +145,11 @@ def training_setup(folder, s, device, dtype):
 
     g = torch.Generator().manual_seed(0)
     batch = lambda T: torch.randint(0, s["vocab"], (s["batch"], T), generator=g).to(device)
-    target, source = batch(s["seq"]), batch(s["seq"])   # the target-language input and its English version
-    ones = torch.ones_like(target)
-    both = torch.cat([source, target], 1)                 # input fusion: English then target, one sequence
+    target, source = batch(s["seq"]), batch(s["seq"] - ANSWER)  # the target-language input and its English prompt
+    lora_batch = labelled(target)
+    flare_batch = dataclasses.replace(lora_batch, source_ids=source, source_mask=torch.ones_like(source))
+    fusion_batch = labelled(torch.cat([source, target], 1))  # input fusion: English, then target, one sequence
+    args = step_args("xnli", False, "auto")
 
     def step(loss_of, optimizer):
         """A training step: the loss under autocast, backward, AdamW, gradients cleared."""
@@ -151,11 +162,15 @@ def training_setup(folder, s, device, dtype):
             return loss
         return run
 
-    lora_loss = lambda: causal_lm_loss(ours(target, ones), target)
-    peft_loss = lambda: causal_lm_loss(hf(input_ids=target, attention_mask=ones).logits, target)
-    flare_loss = lambda: causal_lm_loss(fused(target, ones, source=flare.source_representations(fused, source, ones)),
-                                        target)
-    fusion_loss = lambda: causal_lm_loss(ours(both, torch.ones_like(both)), both)
+    def loss_of(m, b, method):
+        """train.py's loss (train.train_adapter): logits at the labelled positions only."""
+        positions, targets = train.next_token_targets(b.labels)
+        return lambda: train.lm_loss(train.batch_forward(m, b, method, args, logits_at=positions), targets)
+
+    lora_loss, flare_loss = loss_of(ours, lora_batch, "lora"), loss_of(fused, flare_batch, "flare")
+    fusion_loss = loss_of(ours, fusion_batch, "input-fusion")
+    # transformers + peft as a user runs it: labels in, every position's logits and the loss out
+    peft_loss = lambda: hf(input_ids=target, attention_mask=lora_batch.attention_mask, labels=lora_batch.labels).loss
 
     # Same weights, adapters at zero: the first losses must agree (ours and theirs compute the same model).
     with torch.no_grad(), autocast():
@@ -245,8 +260,8 @@ def memory(steps, models, opt, device):
 # ---------------------------------------------------------------------------------------- cost model at real scale
 # FLOPs and peak memory of one train.py training step at the exact shapes of real models, without their weights:
 # the model is built on the meta device, its tensors then replaced by FakeTensorMode's (shapes and dtypes, no data),
-# and the step runs through train.batch_forward and train.lm_loss as in train.train_adapter, under FlopCounterMode
-# and LiveTensorBytes. bf16 weights, fp32 adapters, bf16 autocast, as train.py runs on CUDA.
+# and the step runs through train.batch_forward and train.lm_loss as in train.train_adapter, under StepCost
+# (LiveTensorBytes and FlopCounterMode's formulas). bf16 weights, fp32 adapters, bf16 autocast, as on CUDA.
 
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -360,6 +375,23 @@ class FusedAttentionCost(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+class StepCost(LiveTensorBytes):
+    """LiveTensorBytes that also adds up FLOPs with FlopCounterMode's formulas (torch.utils.flop_counter), but
+    without FlopCounterMode's module tracking, whose hooks keep module outputs alive: under --checkpointing
+    that would hold every layer's activations, the very thing checkpointing frees."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **(kwargs or {}), out_val=out)
+        return out
+
+
 @contextlib.contextmanager
 def attention_as_on_cuda():
     """model.py's attention as it runs on CUDA (model.uses_flex), with FusedAttentionCost for the kernels."""
@@ -375,11 +407,13 @@ def attention_as_on_cuda():
         flare_model.uses_flex, flare_model.block_masks, flare_model.flex, F.scaled_dot_product_attention = saved
 
 
-def train_step(m, b, method, args, params, opt=None):
+def train_step(m, b, targets, method, args, params, opt=None):
     """One step of train.train_adapter's loop (one micro-batch): the loss under autocast, backward, clipping,
-    AdamW, gradients cleared."""
-    with train.autocast(torch.device("cpu"), args):
-        loss = train.lm_loss(train.batch_forward(m, b, method, args), b.labels)
+    AdamW, gradients cleared. targets: train.next_token_targets(b.labels), computed from the real labels (it
+    reads their values, which fake tensors do not have)."""
+    positions, targets = targets
+    with train.autocast(b.input_ids.device, args):
+        loss = train.lm_loss(train.batch_forward(m, b, method, args, logits_at=positions), targets)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     if opt is not None:
@@ -405,59 +439,64 @@ def estimate_step(config, method, task, checkpointing, dtype=torch.bfloat16, pre
     args = step_args(task, checkpointing, precision)
     resident = sum(p.nbytes for p in m.parameters()) + 2 * sum(p.nbytes for p in params) \
         + sum(b.nbytes for b in m.buffers())
+    b = task_batch(method, task, config.vocab_size, batch)
+    targets = train.next_token_targets(b.labels)
     with mode:
-        b = task_batch(method, task, config.vocab_size, batch)
         b = data.Batch(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in vars(b).values()))
-        counter, tracker = FlopCounterMode(display=False), LiveTensorBytes()
+        targets = tuple(mode.from_tensor(t) for t in targets)
+        tracker = StepCost()
         FusedAttentionCost.flops = 0
-        with attention_as_on_cuda() if on_cuda else contextlib.nullcontext(), counter, tracker:
-            train_step(m, b, method, args, params)
-    return {"flops": counter.get_total_flops() + FusedAttentionCost.flops, "resident_bytes": resident,
+        with attention_as_on_cuda() if on_cuda else contextlib.nullcontext(), tracker:
+            train_step(m, b, targets, method, args, params)
+    return {"flops": tracker.flops + FusedAttentionCost.flops, "resident_bytes": resident,
             "step_peak_bytes": tracker.peak, "peak_bytes": resident + tracker.peak,
             "tokens": b.input_ids.numel(), "batch": tuple(b.input_ids.shape)}
 
 
-def measured_step(config, method, task, batch):
+def measured_step(config, method, task, batch, checkpointing=False):
     """The same step on real CPU tensors in fp32, its peak by the same tracker: the estimator's check."""
     torch.manual_seed(0)
     m = adapted_model(config, method, "cpu", torch.float32)
     params = flare.adapter_parameters(m, "transfer")
     opt = torch.optim.AdamW(params, lr=LR)
-    args = step_args(task, False, "fp32")
+    args = step_args(task, checkpointing, "fp32")
     b = task_batch(method, task, config.vocab_size, batch)
-    train_step(m, b, method, args, params, opt)  # AdamW's state exists from here on
+    targets = train.next_token_targets(b.labels)
+    train_step(m, b, targets, method, args, params, opt)  # AdamW's state exists from here on
     tracker = LiveTensorBytes()
     with tracker:
-        train_step(m, b, method, args, params, opt)
+        train_step(m, b, targets, method, args, params, opt)
     return resident_bytes(m, opt) + tracker.peak
 
 
 def cost_check(s):
-    """Estimated vs measured peak of a flare, a lora and an input-fusion step at the bench's small Llama
-    (fp32, CPU attention on both sides), at its batch and an XNLI-shaped prompt."""
+    """Estimated vs measured peak of a lora, a flare (also with --checkpointing) and an input-fusion step at the
+    bench's small Llama (fp32, CPU attention on both sides), at its batch and an XNLI-shaped prompt."""
     config = flare_model.Config.from_hf(dict(model_type="llama", vocab_size=s["vocab"], hidden_size=s["hidden"],
                                              intermediate_size=s["intermediate"], num_hidden_layers=s["layers"],
                                              num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
                                              rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False))
     rows = {}
-    for method in COST_METHODS:
-        est = estimate_step(config, method, "xnli", False, torch.float32, "fp32", on_cuda=False, batch=s["batch"])
-        real = measured_step(config, method, "xnli", s["batch"])
-        rows[method] = {"estimated_bytes": est["peak_bytes"], "measured_bytes": real,
-                        "ratio": est["peak_bytes"] / real}
+    for method, checkpointing in [(m, False) for m in COST_METHODS] + [("flare", True)]:
+        est = estimate_step(config, method, "xnli", checkpointing, torch.float32, "fp32", on_cuda=False,
+                            batch=s["batch"])
+        real = measured_step(config, method, "xnli", s["batch"], checkpointing)
+        rows[method + (" --checkpointing" if checkpointing else "")] = {
+            "estimated_bytes": est["peak_bytes"], "measured_bytes": real, "ratio": est["peak_bytes"] / real}
     return rows
 
 
 def estimate_by_depth(config, method, task, checkpointing, batch=None):
-    """estimate_step at full depth from runs at 2 and 4 layers. On the CUDA path every layer costs the same
-    (sliding and global layers run the same kernel), so FLOPs, resident bytes and the step's peak (at the start
-    of the backward, with every layer's saved activations) grow linearly with depth; cost_model checks one run
-    against the full depth."""
+    """estimate_step at full depth from runs at 2 and 3 layers (the fake step costs a few ms of Python per
+    operation, whatever the shapes: a 70B model at full depth would take minutes). On the CUDA path every layer
+    costs the same (sliding and global layers run the same kernel), so FLOPs and resident bytes grow linearly
+    with depth, and so does the step's peak from the second layer on (with one layer only, the peak falls at
+    another point of the step); cost_model checks one run against the full depth."""
     a, b = (estimate_step(dataclasses.replace(config, num_layers=n), method, task, checkpointing, batch=batch)
-            for n in (2, 4))
+            for n in (2, 3))
     out = dict(b)
     for key in ("flops", "resident_bytes", "step_peak_bytes"):
-        out[key] = a[key] + (b[key] - a[key]) / 2 * (config.num_layers - 2)
+        out[key] = a[key] + (b[key] - a[key]) * (config.num_layers - 2)
     out["peak_bytes"] = out["resident_bytes"] + out["step_peak_bytes"]
     return out
 
@@ -566,8 +605,9 @@ def real_shape_step(config, method, task, checkpointing, device, repeats, batch=
     opt = torch.optim.AdamW(params, lr=LR)
     args = step_args(task, checkpointing, "bf16")
     b = task_batch(method, task, config.vocab_size, batch)
+    targets = tuple(t.to(device) for t in train.next_token_targets(b.labels))
     b = dataclasses.replace(b, **{k: v.to(device) for k, v in vars(b).items() if isinstance(v, torch.Tensor)})
-    run = lambda: train_step(m, b, method, args, params, opt)
+    run = lambda: train_step(m, b, targets, method, args, params, opt)
     run()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -788,7 +828,7 @@ def cost_table(r):
     lines.append(f"Estimator vs measured peak (same step on real CPU tensors, bench's small Llama, fp32): {checks}.")
     d = r["cost_model"]["depth_check"]
     if d:
-        lines.append(f"Extrapolated from 2 and 4 layers vs run at full depth ({d['run']}): FLOPs {d['flops']:.4f}, "
+        lines.append(f"Extrapolated from 2 and 3 layers vs run at full depth ({d['run']}): FLOPs {d['flops']:.4f}, "
                      f"peak {d['peak_bytes']:.4f}.")
     return "\n".join(lines)
 
