@@ -10,17 +10,19 @@ no renaming and, because we use rotate-half RoPE like transformers, no permutati
 FLARE hooks in at one place: q_proj and v_proj may receive the English "source" representation of their layer
 (see flare.py). A plain model ignores it.
 """
+import functools
 import json
 import math
 import os
-import sys
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 class UsageError(ValueError):
@@ -242,6 +244,43 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+def visible(q, k, real_k, window=None):
+    """Which keys k each query q attends to: earlier or itself, not padding, and on sliding layers fewer than
+    `window` positions back. Every query sees itself, so rows of padding stay finite."""
+    seen = (k <= q) & real_k | (k == q)
+    return seen & (k > q - window) if window else seen
+
+
+def uses_flex(device, config: Config, cache) -> bool:
+    """Gemma's attention on CUDA runs through flex_attention: the soft-cap a score_mod, causal + window + padding
+    a block mask, all in one compiled kernel that keeps no (B, nh, T, T) scores for the backward pass, as the
+    eager math below does in every layer. The eager math stays the path on CPU (flex_attention has no CPU
+    backward) and in decoding with the KV cache (one query per step: small scores)."""
+    return device.type == "cuda" and cache is None and (config.attn_softcap is not None or bool(config.sliding_window))
+
+
+def block_masks(real, window):
+    """flex_attention's block masks of visible() over a (B, T) padding mask: for global and for sliding layers."""
+    B, T = real.shape
+    block = lambda w: create_block_mask(lambda b, h, q, k: visible(q, k, real[b, k], w), B, None, T, T,
+                                        device=real.device)
+    full = block(None)
+    return full, block(window) if window else full
+
+
+@functools.cache
+def compiled_flex_attention():
+    return torch.compile(flex_attention)  # compiled once, on first use: importing model.py stays cheap
+
+
+def flex(q, k, v, softcap, block_mask, scale):
+    """flex_attention, with Gemma 2's tanh soft-cap of the scaled scores. Compiled on CUDA; elsewhere torch's
+    unfused version, forward only, which the tests compare with the eager math."""
+    cap = None if softcap is None else lambda score, b, h, i, j: torch.tanh(score / softcap) * softcap
+    attend = compiled_flex_attention() if q.device.type == "cuda" else flex_attention
+    return attend(q, k, v, score_mod=cap, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
 class Attention(nn.Module):
     def __init__(self, config: Config, layer: int):
         super().__init__()
@@ -268,7 +307,9 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd), S = positions so far
-        if self.softcap is None:
+        if isinstance(mask, BlockMask):  # uses_flex: capped, masked and fused on CUDA
+            y = flex(q, k, v, self.softcap, mask, self.scale)
+        elif self.softcap is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         else:  # Gemma 2 caps the scores before the mask and softmax, which SDPA cannot do
             k, v = k.repeat_interleave(self.n_heads // self.n_kv, 1), v.repeat_interleave(self.n_heads // self.n_kv, 1)
@@ -357,11 +398,13 @@ class Transformer(nn.Module):
         dtype = compute_dtype(h)
         full_rope = rope_table(pos, self.inv_freq, dtype)
         sliding_rope = rope_table(pos, self.sliding_inv_freq, dtype) if c.sliding_rope_theta else full_rope
-        # Boolean masks (B, 1, T, S): causal, no padded keys; every query sees itself, so padded rows stay finite.
-        q_idx = torch.arange(start, start + T, device=h.device)[:, None]
-        k_idx = torch.arange(start + T, device=h.device)[None, :]
-        causal = (k_idx <= q_idx) & real[:, None, None, :] | (k_idx == q_idx)
-        window = causal & (k_idx > q_idx - c.sliding_window) if c.sliding_window else causal
+        if uses_flex(h.device, c, cache):
+            causal, window = block_masks(real, c.sliding_window)
+        else:  # boolean masks (B, 1, T, S)
+            q_idx = torch.arange(start, start + T, device=h.device)[:, None]
+            k_idx = torch.arange(start + T, device=h.device)[None, :]
+            causal = visible(q_idx, k_idx, real[:, None, None, :])
+            window = visible(q_idx, k_idx, real[:, None, None, :], c.sliding_window)
         if source is not None:  # source rows of these positions; past the prompt only its last (flare.LoRA repeats it)
             rows = slice(min(start, source[0].shape[1] - 1), start + T)
         reps = []

@@ -6,7 +6,6 @@ because with B = 0 (LoRA's init) the adapter, and with it the fusion, contribute
 """
 import json
 import math
-import os
 
 import pytest
 import torch
