@@ -302,13 +302,8 @@ H100_BF16_FLOPS, ASSUMED_MFU = 989e12, 0.40  # dense bf16 peak of an H100 SXM; t
 
 
 def real_config(name):
-    """model.Config of a HUB_CONFIGS entry. A model.py that does not read Gemma 3 yet gets Gemma 2's code at
-    Gemma 3's shapes (the q/k norms it lacks are 0.1% of the work); the result says so."""
-    hf = HUB_CONFIGS[name]
-    try:
-        return flare_model.Config.from_hf(hf), False
-    except ValueError:
-        return flare_model.Config.from_hf({**hf, "model_type": "gemma2"}), True
+    """model.Config of a HUB_CONFIGS entry."""
+    return flare_model.Config.from_hf(HUB_CONFIGS[name])
 
 
 def adapted_model(config, method, device, dtype):
@@ -506,19 +501,19 @@ def cost_model(runs, depth_check=True):
     depth_check: also the first run's flare step at full depth, against the extrapolation."""
     rows, check = [], None
     if depth_check:
-        config, _ = real_config(runs[0][0])
+        config = real_config(runs[0][0])
         full, by_depth = (f(config, "flare", runs[0][1], True) for f in (estimate_step, estimate_by_depth))
         check = {"run": f"{runs[0][0]} {runs[0][1]} flare --checkpointing",
                  **{k: by_depth[k] / full[k] for k in ("flops", "peak_bytes")}}
     for name, task in runs:
-        config, approximate = real_config(name)
+        config = real_config(name)
         for method in COST_METHODS:
             for checkpointing in (False, True):
                 t0 = time.perf_counter()
                 r = estimate_by_depth(config, method, task, checkpointing)
                 steps = math.ceil(XNLI_TRAIN / TASK_SHAPES[task][0]) * EPOCHS
                 rows.append({"model": name, "task": task, "method": method, "checkpointing": checkpointing,
-                             "gemma3_as_gemma2": approximate, **r, "peak_gb": r["peak_bytes"] / 1e9,
+                             **r, "peak_gb": r["peak_bytes"] / 1e9,
                              "fits_gb": [g for g in GPU_MEMORY_GB if r["peak_bytes"] <= g * 1e9],
                              "xnli_run_hours": steps * r["flops"] / (ASSUMED_MFU * H100_BF16_FLOPS) / 3600
                              if task == "xnli" else None,
@@ -626,7 +621,7 @@ def cuda_real_shapes(device, repeats, estimates):
     free = torch.cuda.get_device_properties(device).total_memory
     out = []
     for name, task, method in CUDA_RUNS:
-        config, _ = real_config(name)
+        config = real_config(name)
         est = {r["checkpointing"]: r for r in estimates if (r["model"], r["task"], r["method"]) == (name, task, method)}
         checkpointing = not (est and est[False]["peak_bytes"] < 0.9 * free)
         if est and est[True]["peak_bytes"] > 0.9 * free:
@@ -815,8 +810,7 @@ def cost_table(r):
         verdict = "" if goal is None else f"<= {goal} GB " + ("met" if row["peak_gb"] <= goal else "MISSED")
         fits = ", ".join(f"{g} GB" for g in row["fits_gb"]) or "none of 24/48/80 GB"
         hours = "" if row["xnli_run_hours"] is None else f"{row['xnli_run_hours']:.1f}"
-        model = row["model"] + (" (Gemma 2 code)" if row["gemma3_as_gemma2"] else "")
-        lines.append(f"| {model} | {row['task']} | {row['batch'][0]} x {row['batch'][1]} | {row['method']} | "
+        lines.append(f"| {row['model']} | {row['task']} | {row['batch'][0]} x {row['batch'][1]} | {row['method']} | "
                      f"{'yes' if row['checkpointing'] else 'no'} | {row['flops'] / 1e12:.1f} | {row['peak_gb']:.1f} | "
                      f"{fits} | {hours} | {verdict} |")
     a = r["cost_assumptions"]
