@@ -556,7 +556,7 @@ def evaluation(ours, hf, s, device, repeats):
         for i in range(0, len(pairs), args.batch_size):
             chunk, scores = pairs[i:i + args.batch_size], []
             for label in task.labels:
-                b = train.make_batch(chunk, tok, task, "lora", device, answers=[label] * len(chunk))
+                b = train.method_batch(chunk, tok, task, "lora", device, answers=[label] * len(chunk))
                 with train.autocast(device, args):
                     logits = hf(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
                 scores.append(data.answer_logprob(logits, b.labels))

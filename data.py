@@ -1,4 +1,4 @@
-"""Tasks, prompts, English-target pairs, token batches and metrics (FLARE.md section 4).
+"""Tasks, prompts, English-target pairs, token batches and metrics (the paper's tasks: arXiv 2501.06892, section 4).
 
 A task turns (language, split) into Pairs: an item in the target language, the same item in English, and its gold
 answer. XNLI and NusaX are parallel by construction; TyDiQA is not and takes its English side from a translations
@@ -29,6 +29,7 @@ import os
 import random
 import re
 import string
+import sys
 import unicodedata
 import zlib
 from collections import Counter
@@ -157,7 +158,8 @@ def _tydiqa(lang: str, split: str, cache_dir: str | None, data_dir: str | None) 
     items = []
     for r in rows:
         held_out = zlib.crc32(r["id"].encode()) % 10 == 0
-        if r["id"].startswith(TYDIQA_LANGUAGES[lang] + "-") and (split == "test" or held_out == (split == "validation")):
+        in_split = split == "test" or held_out == (split == "validation")
+        if r["id"].startswith(TYDIQA_LANGUAGES[lang] + "-") and in_split:
             items.append({"id": r["id"], "context": r["context"], "question": r["question"],
                           "answer": r["answers"]["text"][0], "answer_start": r["answers"]["answer_start"][0]})
     return items
@@ -263,7 +265,8 @@ def _translated_pairs(items: list[dict], path: str, name: str) -> list[Pair]:
     pairs = [Pair(it["id"], {"context": it["context"], "question": it["question"]}, records[it["id"]], it["answer"])
              for it in items if _answer_kept(records[it["id"]])]
     if len(pairs) < len(items):
-        print(f"{name}: dropped {len(items) - len(pairs)} of {len(items)} items whose answer was lost in translation")
+        print(f"{name}: dropped {len(items) - len(pairs)} of {len(items)} items whose answer was lost in translation",
+              file=sys.stderr)
     return pairs
 
 

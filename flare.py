@@ -68,7 +68,8 @@ POSITION_MIXING = ("matmul", "matmul_relu", "cross_attention")  # need every ear
 class LoRA(nn.Module):
     """A frozen base (a linear, or a linear with an adapter already on it) plus a trainable low-rank update."""
 
-    def __init__(self, base: nn.Module, name: str, r: int, alpha: float, dropout: float = 0.0, fusion: str | None = None):
+    def __init__(self, base: nn.Module, name: str, r: int, alpha: float, dropout: float = 0.0,
+                 fusion: str | None = None):
         super().__init__()
         if fusion is not None and fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")

@@ -299,8 +299,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, source=None):
         B, T, _ = x.shape
-        q = call_fused(self.q_proj, x, source).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                         # (B, nkv, T, hd)
+        # q (B, nh, T, hd); k and v (B, nkv, T, hd)
+        q = call_fused(self.q_proj, x, source).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = call_fused(self.v_proj, x, source).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -363,7 +364,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = Decoder(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
         if config.sliding_rope_theta:  # Gemma 3: the sliding layers' table
             self.register_buffer("sliding_inv_freq", rope_frequencies(config, sliding=True), persistent=False)
@@ -548,7 +550,8 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu") -> Transfo
                 name = stored if text is None else TEXT_PREFIXES[text] + stored[len(text):]
             if name not in params:
                 # Tied checkpoints may still carry lm_head.weight, older ones the RoPE buffer: both are derived.
-                if not (name == "lm_head.weight" and config.tie_word_embeddings or name.endswith("rotary_emb.inv_freq")):
+                tied_head = name == "lm_head.weight" and config.tie_word_embeddings
+                if not (tied_head or name.endswith("rotary_emb.inv_freq")):
                     unexpected.append(stored)
                 continue
             if shape != tuple(params[name].shape):

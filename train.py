@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import data
 import flare
@@ -37,29 +38,33 @@ from model import (Config, KVCache, MissingFile, Transformer, UsageError, comput
 METHODS = ("flare", "lora", "input-fusion", "translate-test", "zero-shot")
 EVAL_ONLY = ("translate-test", "zero-shot")  # the stage-1 model as it is: no target training, no target train split
 MAX_NEW_TOKENS = 32  # QA answers are short spans
+PRETRAIN_STEPS = 400  # the tiny demo model's pretraining (pretrain_tiny)
 DEFAULTS = {"methods": "flare", "lr": "2e-4", "stage1_lr": 2e-4, "epochs": 3}  # --eval-every: a tenth of each run
 # The CPU demo: 256 target examples; each method at its best rate on validation out of two, the two fixed in advance
 # by the sweep in the README (--lr 2.5e-3,5e-3,1e-2 over three seeds).
-DEMO = {"methods": "lora,flare,zero-shot,translate-test", "lr": "5e-3,1e-2", "stage1_lr": 5e-3, "epochs": 2, "eval_every": 8,
-        "max_train": 256, "stage1_max_train": 2000, "max_eval": 500}
+DEMO = {"methods": "lora,flare,zero-shot,translate-test", "lr": "5e-3,1e-2", "stage1_lr": 5e-3, "epochs": 2,
+        "eval_every": 8, "max_train": 256, "stage1_max_train": 2000, "max_eval": 500}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="alias (llama3.1-8b, gemma2-9b, ...), Hub repo id, local folder, or "
-                   "'tiny' (the CPU demo, task synth only); default: llama3.1-8b with a CUDA GPU, else tiny")
-    p.add_argument("--task", default=None, help=f"one of {', '.join(data.TASKS)} (default: xnli; synth for --model tiny)")
+    p.add_argument("--model", default=None, help="alias (llama3.1-8b, gemma2-9b, ...), Hub repo id, local folder, "
+                   "or 'tiny' (the CPU demo, task synth only); default: llama3.1-8b with a CUDA GPU, else tiny")
+    p.add_argument("--task", default=None,
+                   help=f"one of {', '.join(data.TASKS)} (default: xnli; synth for --model tiny)")
     p.add_argument("--lang", default=None, help="target language code (see data.TASKS; default sw for xnli)")
     p.add_argument("--methods", default=None, help=f"comma-separated from {', '.join(METHODS)} (default: flare; "
                                                     f"the demo: {DEMO['methods']})")
     p.add_argument("--fusion", default="add_relu", choices=[f for f in flare.FUSIONS])
     p.add_argument("--source", default="normed", choices=["normed", "residual"],
-                   help="source representation: the layer's q/v input (normed) or the residual stream (the reference's)")
+                   help="source representation: the layer's q/v input (normed) or the residual stream "
+                   "(the reference's)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--lr", default=None, help="learning rate (default 2e-4; the demo 5e-3,1e-2); several, comma-separated, "
-                                             "to train each method at each and keep the best on validation")
+    p.add_argument("--lr", default=None, help="learning rate (default 2e-4; the demo 5e-3,1e-2); several, "
+                                             "comma-separated, to train each method at each and keep the best on "
+                                             "validation")
     p.add_argument("--stage1-lr", type=float, default=None, help="stage-1 learning rate (default 2e-4; the demo 5e-3)")
     p.add_argument("--epochs", type=float, default=None, help="default 3 (the demo: 2)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -103,7 +108,8 @@ def parse_args(argv=None):
         p.error("--task synth needs --model tiny (the synthetic language is not in any real model's vocabulary)")
     args.lang = args.lang or (task.languages[0] if len(task.languages) == 1 else "sw" if args.task == "xnli" else None)
     if args.lang not in task.languages:
-        p.error(f"--lang {args.lang!r} is not a target language of {args.task}; choose one of {', '.join(task.languages)}")
+        p.error(f"--lang {args.lang!r} is not a target language of {args.task}; "
+                f"choose one of {', '.join(task.languages)}")
     args.methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
     bad = [m for m in args.methods if m not in METHODS]
     if bad or not args.methods:
@@ -259,7 +265,7 @@ def batch_forward(model, batch, method, args, logits_at=None):
                  checkpoint=args.checkpointing and torch.is_grad_enabled(), logits_at=logits_at)
 
 
-def make_batch(pairs, tok, task, method, device, answers=None):
+def method_batch(pairs, tok, task, method, device, answers=None):
     """The batch `method` trains and evaluates on: English only (stage 1, translate-test), target only (lora,
     zero-shot), English then target in one sequence (input-fusion), or target with the English source (flare)."""
     b = data.make_batch(pairs, tok, task, answers=answers, source=method == "flare",
@@ -281,7 +287,7 @@ def evaluate(model, tok, task, pairs, method, args, device):
                 best = label_logprobs(model, tok, task, chunk, method, args, device).argmax(-1).tolist()
                 preds += [task.labels[j] for j in best]
             else:  # QA: greedy, a short answer, source fused at every step past the prompt
-                b = make_batch(chunk, tok, task, method, device, answers=False)
+                b = method_batch(chunk, tok, task, method, device, answers=False)
                 new = model.generate(b.input_ids, b.attention_mask, MAX_NEW_TOKENS, tok.eos_id,
                                      source=batch_source(model, b, method, args),
                                      use_cache=not position_mixing(method, args))
@@ -304,10 +310,10 @@ def label_logprobs(model, tok, task, pairs, method, args, device):
     if position_mixing(method, args):
         scores = []
         for label in task.labels:
-            b = make_batch(pairs, tok, task, method, device, answers=[label] * len(pairs))
+            b = method_batch(pairs, tok, task, method, device, answers=[label] * len(pairs))
             scores.append(data.answer_logprob(batch_forward(model, b, method, args), b.labels))
         return torch.stack(scores, -1)
-    b = make_batch(pairs, tok, task, method, device, answers=False)
+    b = method_batch(pairs, tok, task, method, device, answers=False)
     (B, P), source = b.input_ids.shape, batch_source(model, b, method, args)
     answers = [torch.tensor(data.answer_ids(tok, label), device=device).expand(B, -1) for label in task.labels]
     dtype = compute_dtype(model.model.embed_tokens.weight)
@@ -357,7 +363,8 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
     eval_every = args.eval_every or math.ceil(total / 10)
     schedule = lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    step, best, best_state, log_path, ckpt_path = 0, -1.0, None, os.path.join(folder, "log.jsonl"), os.path.join(folder, "checkpoint.pt")
+    step, best, best_state = 0, -1.0, None
+    log_path, ckpt_path = os.path.join(folder, "log.jsonl"), os.path.join(folder, "checkpoint.pt")
 
     def save_checkpoint():
         state = {"adapter": flare.adapter_state(model, name), "optimizer": opt.state_dict(),
@@ -400,7 +407,7 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
                 idx = order[(k * args.grad_accum + a) * micro:(k * args.grad_accum + a + 1) * micro].tolist()
                 if not idx:
                     continue
-                b = make_batch([train_pairs[i] for i in idx], tok, task, method, device)
+                b = method_batch([train_pairs[i] for i in idx], tok, task, method, device)
                 positions, targets = next_token_targets(b.labels)
                 with autocast(device, args):
                     loss = lm_loss(batch_forward(model, b, method, args, logits_at=positions), targets)
@@ -433,7 +440,8 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
     except KeyboardInterrupt:
         save_checkpoint()
         progress.close()
-        raise SystemExit(f"\ninterrupted at step {step}; checkpoint saved. Continue with the same command and --resume.")
+        raise SystemExit(f"\ninterrupted at step {step}; checkpoint saved. Continue with the same command and "
+                         f"--resume.")
     progress.close()
     if best_state is None:  # a Ctrl-C stopped the only validation, at the last step: it runs now
         best, best_state = evaluate(model, tok, task, val_pairs, method, args, device)[task.metric], \
@@ -475,12 +483,15 @@ def run_method(model, tok, task, splits, method, args, device):
         torch.manual_seed(args.seed)
         flare.add_lora(model, "transfer", args.rank, args.alpha, args.dropout,
                        fusion=args.fusion if method == "flare" else None)
-        val = train_adapter(model, tok, task, splits["train"], splits["validation"], method, "transfer", lr, sub, args, device)
+        val = train_adapter(model, tok, task, splits["train"], splits["validation"], method, "transfer", lr, sub,
+                            args, device)
         row = {"method": method, "lr": lr, "val_" + task.metric: val,
                **evaluate(model, tok, task, splits["test"], method, args, device)}
         if method == "flare":  # the control: each test item gets the English source of another item
-            mismatched = [dataclasses.replace(p, source=q.source) for p, q in zip(splits["test"], splits["test"][1:] + splits["test"][:1])]
-            row["mismatched_source_" + task.metric] = evaluate(model, tok, task, mismatched, method, args, device)[task.metric]
+            test = splits["test"]
+            mismatched = [dataclasses.replace(p, source=q.source) for p, q in zip(test, test[1:] + test[:1])]
+            row["mismatched_source_" + task.metric] = \
+                evaluate(model, tok, task, mismatched, method, args, device)[task.metric]
         flare.remove(model, "transfer")
         runs.append(row)
     best = max(runs, key=lambda r: r["val_" + task.metric])
@@ -494,7 +505,6 @@ def pretrain_tiny(folder, args, device):
     little target language) and saved like a Hub checkpoint, so it loads through load_model like a real one."""
     if os.path.exists(os.path.join(folder, "model.safetensors")):
         return
-    from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     data.write_synth_tokenizer(folder)
     tok = load_tokenizer(folder)
@@ -539,9 +549,6 @@ def pretrain_tiny(folder, args, device):
     atomic_write(os.path.join(folder, "model.safetensors"), lambda tmp: save_file(state, tmp))
 
 
-PRETRAIN_STEPS = 400
-
-
 # ------------------------------------------------------------------------------------------ the pipeline
 
 def main(argv=None):
@@ -562,9 +569,10 @@ def main(argv=None):
     splits = ("test",) if set(args.methods) <= set(EVAL_ONLY) else ("train", "validation", "test")
     if args.task == "tydiqa" and args.translations is None:  # not parallel: the base model translates it first
         args.translations = os.path.join(args.out, f"translations-{args.lang}.jsonl")
+        translate = lambda prompts, n: generate_text(model, tok, prompts, n, args, device)
         for split in splits:
-            lost = data.translate_tydiqa(args.lang, split, lambda prompts, n: generate_text(model, tok, prompts, n, args, device),
-                                         args.translations, limit=args.max_train if split == "train" else args.max_eval,
+            lost = data.translate_tydiqa(args.lang, split, translate, args.translations,
+                                         limit=args.max_train if split == "train" else args.max_eval,
                                          seed=args.seed, data_dir=args.data_dir)
             print(f"tydiqa {args.lang} {split}: translated into {args.translations}; {lost} items lost their answer "
                   f"and are left out", file=sys.stderr)

@@ -76,7 +76,7 @@ def test_tydiqa_pairs_take_the_english_side_from_the_translations_file_and_drop_
     assert pairs[0].source["question"] == "What is the capital of Kenya?"
     assert pairs[0].source["answer"] == "Nairobi"
     assert pairs[0].answer == "Nairobi"  # the gold answer stays in the target language
-    assert "dropped 1 of 6 items whose answer was lost in translation" in capsys.readouterr().out
+    assert "dropped 1 of 6 items whose answer was lost in translation" in capsys.readouterr().err
 
 
 def test_tydiqa_validation_is_a_held_out_tenth_of_train_and_test_is_the_validation_file():

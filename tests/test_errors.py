@@ -295,20 +295,21 @@ def test_a_crash_while_saving_the_tiny_model_leaves_no_half_file_for_the_next_ru
         cut(pathlib.Path(path))
         raise OSError("No space left on device")
     monkeypatch.setattr(train, "PRETRAIN_STEPS", 1)
-    monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
+    monkeypatch.setattr(train, "save_file", dies_half_way)  # train imports it at the top
     folder, args = tmp_path / "tiny-model", train.parse_args(["--model", "tiny"])
     with pytest.raises(OSError, match="No space left"):
         train.pretrain_tiny(str(folder), args, torch.device("cpu"))
     assert not (folder / "model.safetensors").exists()  # so the next run pretrains instead of skipping
 
-    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    monkeypatch.setattr(train, "save_file", real)
     train.pretrain_tiny(str(folder), args, torch.device("cpu"))
     assert isinstance(model.load_model(str(folder), dtype=torch.float32), model.Transformer)
 
 
 def test_a_half_written_last_line_of_the_translations_cache_is_translated_again(tmp_path, monkeypatch):
     from test_data import FIXTURES, fake_model
-    monkeypatch.setattr(data, "_download", lambda task, filename, cache_dir, data_dir: os.path.join(FIXTURES, task, filename))
+    monkeypatch.setattr(data, "_download",
+                        lambda task, filename, cache_dir, data_dir: os.path.join(FIXTURES, task, filename))
     whole, path = tmp_path / "whole.jsonl", tmp_path / "cache.jsonl"
     fake_model.calls = 0
     data.translate_tydiqa("sw", "test", fake_model, str(whole), batch_size=2)

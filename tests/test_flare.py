@@ -1,5 +1,6 @@
-"""FLARE's LoRA layer, fusion and adapters, checked against their definitions (FLARE.md sections 1, 2 and 5),
-against peft, and against the public reference code's mistakes (fusion lost under checkpointing).
+"""FLARE's LoRA layer, fusion and adapters, checked against their definitions (the method: arXiv 2501.06892,
+section 3; the README's "What is here"), against peft, and against the public reference code's mistakes (fusion
+lost under checkpointing).
 
 Every comparison runs in fp32 on a tiny random Llama from conftest.py; every trained adapter gets a non-zero B,
 because with B = 0 (LoRA's init) the adapter, and with it the fusion, contributes nothing.
@@ -81,9 +82,9 @@ def training_step(model, ids, mask, source_ids, source_mask, checkpoint=False):
 # ------------------------------------------------------------------------------------------ the fused layer
 
 def closed_form_phi(fusion, S, T, real, cross=None):
-    """phi(S, T) of FLARE.md's table, position by position. The position-mixing fusions read target positions
-    j <= i that are real, and always j = i: phi_i = sum_j (S_i . T_j) T_j for matmul, softmax attention over
-    the same j for cross_attention."""
+    """phi(S, T) of the paper's fusion functions (arXiv 2501.06892, section 3), position by position. The
+    position-mixing fusions read target positions j <= i that are real, and always j = i:
+    phi_i = sum_j (S_i . T_j) T_j for matmul, softmax attention over the same j for cross_attention."""
     B, L, r = T.shape
     rows = []
     for b in range(B):

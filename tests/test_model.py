@@ -190,7 +190,8 @@ def test_kv_cached_forward_matches_full_forward(tmp_path, family):
     """A left-padded prompt, then a chunk of 3 tokens, then one token at a time, past the sliding window."""
     ours = model.load_model(save_tiny(tiny_hf_model(family), tmp_path), dtype=torch.float32)
     ids, mask = left_padded([9, 14, 16], seed=1)
-    ids, mask = torch.cat([ids, random_tokens(3, 8, seed=2)], 1), torch.cat([mask, torch.ones(3, 8, dtype=torch.long)], 1)
+    ids = torch.cat([ids, random_tokens(3, 8, seed=2)], 1)
+    mask = torch.cat([mask, torch.ones(3, 8, dtype=torch.long)], 1)
     full = our_logits(ours, ids, mask)
     cache = model.KVCache(ours.config, 3, ids.shape[1], torch.float32, "cpu")
     steps = [(0, 16), (16, 19)] + [(i, i + 1) for i in range(19, ids.shape[1])]
@@ -279,7 +280,8 @@ def hub_error(kind, repo):
     return getattr(errors, kind)(f"{kind} for {repo}", response=httpx2.Response(403, request=request))
 
 
-@pytest.mark.parametrize("name, repo", [("llama3.2-1b", "meta-llama/Llama-3.2-1B"), ("someone/tiny-llama", "someone/tiny-llama")])
+@pytest.mark.parametrize("name, repo", [("llama3.2-1b", "meta-llama/Llama-3.2-1B"),
+                                        ("someone/tiny-llama", "someone/tiny-llama")])
 def test_alias_or_repo_id_downloads_its_hub_repo(tmp_path, monkeypatch, name, repo):
     asked = fake_snapshot_download(monkeypatch, save_tiny(tiny_hf_model("llama"), tmp_path))
     monkeypatch.chdir(tmp_path)  # so that name is no local folder

@@ -65,7 +65,7 @@ def test_the_label_words_have_different_token_lengths(folder):
 
 def test_logits_at_positions_are_the_full_logits_at_those_positions(folder):
     model = pipeline_model(folder, None)
-    b = train.make_batch(PAIRS, load_tokenizer(folder), TASK, "lora", CPU)
+    b = train.method_batch(PAIRS, load_tokenizer(folder), TASK, "lora", CPU)
     positions = torch.tensor([[0, 5, 5, 40], [1, 2, 3, 4], [60, 9, 0, 0], [b.input_ids.shape[1] - 1] * 4])
     with torch.no_grad():
         full = model(b.input_ids, b.attention_mask)
@@ -77,7 +77,7 @@ def test_logits_at_positions_are_the_full_logits_at_those_positions(folder):
 @pytest.mark.parametrize("method", ["lora", "flare"])
 def test_loss_from_labelled_positions_has_the_full_logits_loss_and_gradients(folder, method):
     model = pipeline_model(folder, "add_relu" if method == "flare" else None).train()
-    b = train.make_batch(PAIRS, load_tokenizer(folder), TASK, method, CPU)
+    b = train.method_batch(PAIRS, load_tokenizer(folder), TASK, method, CPU)
     params = flare.adapter_parameters(model, "transfer")
 
     def loss_and_grads(loss_of):
@@ -108,7 +108,7 @@ def per_label_logprobs(model, tok, method, args):
     """The computation the cached scoring replaces: a forward over prompt + label + EOS for each label."""
     scores = []
     for label in TASK.labels:
-        b = train.make_batch(PAIRS, tok, TASK, method, CPU, answers=[label] * len(PAIRS))
+        b = train.method_batch(PAIRS, tok, TASK, method, CPU, answers=[label] * len(PAIRS))
         scores.append(data.answer_logprob(train.batch_forward(model, b, method, args), b.labels))
     return torch.stack(scores, -1)
 
