@@ -96,7 +96,7 @@ def test_an_interrupted_grid_goes_on_where_it_stopped(fake_main, tmp_path, monke
     monkeypatch.setattr(train, "main", stop_at_the_fifth_call)
     with pytest.raises(SystemExit):
         experiment.main(args_for(tmp_path))
-    assert len(experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")) == 7  # stage 1 and zero-shot, translate-test, lora and flare at two rates
+    assert len(experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")) == 7  # 4 runs, 7 records
 
     monkeypatch.setattr(train, "main", real)
     experiment.main(args_for(tmp_path))
