@@ -3,6 +3,7 @@
     python experiment.py                  # the CPU budget below; run it again to continue after an interruption
     python experiment.py --budget full    # all of NusaX (500 train, 100 validation, 400 test), 3 epochs: a GPU
     python experiment.py --summary        # only the table, from the runs that have finished
+    python experiment.py --seeds 1,2 & python experiment.py --seeds 100   # two cores: one process each
 
 For each seed (100, 1, 2): stage 1 once, a LoRA on English NusaX; then for each target language (jav, sun, bug:
 Javanese and Sundanese are the two largest regional languages of Indonesia, with web text and Wikipedias of their
@@ -71,8 +72,13 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"),
                    help="local copy of the dataset repos holding indonlp/NusaX-senti (default: ../shared/data)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "experiment-nusax-gemma3-270m"), help="run folders")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="run only these of the seeds, comma-separated: "
+                   "two processes on two seeds use two cores (they append to the same records, each its own runs)")
     p.add_argument("--summary", action="store_true", help="write and print the table only; run nothing")
     args = p.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    if not set(args.seeds) <= set(SEEDS):
+        p.error(f"--seeds {args.seeds}: the experiment's seeds are {', '.join(map(str, SEEDS))}")
     suffix = "" if args.budget == "cpu" else f"-{args.budget}"
     args.records = ROOT / "experiment" / f"nusax-gemma3-270m{suffix}.jsonl"
     args.runs = os.path.join(args.runs, args.budget)
@@ -148,7 +154,7 @@ def experiment(args):
     records = read_records(args.records)
     have = {key(r) for r in records}
     model = args.model or model_folder()
-    for seed in SEEDS:
+    for seed in args.seeds:
         home = os.path.join(args.runs, f"s{seed}", LANGS[0])
         stage1 = os.path.join(home, "stage1", "adapter")
         if (LANGS[0], "zero-shot", None, seed) not in have:  # the first run of a seed trains stage 1 too
@@ -227,7 +233,9 @@ def summary(records, budget):
 
 def main(argv=None):
     args = parse_args(argv)
-    records = read_records(args.records) if args.summary else experiment(args)
+    if not args.summary:
+        experiment(args)
+    records = read_records(args.records)  # with what other processes (--seeds) recorded meanwhile
     table = summary(records, args.budget)
     args.records.parent.mkdir(exist_ok=True)
     args.records.with_suffix(".md").write_text(table + "\n")

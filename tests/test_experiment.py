@@ -144,3 +144,15 @@ def test_each_result_row_records_the_seconds_its_training_and_testing_took(tiny_
     assert 0 < results["zero-shot"]["cpu_seconds"] < results["zero-shot"]["seconds"]
     for row in results["lora"]["runs"]:  # two validations (--eval-every 1, two steps) and the test, per rate
         assert 3 * pause <= row["seconds"] < 4 * pause + 30
+
+
+def test_two_processes_on_different_seeds_fill_one_record_file(fake_main, tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "ROOT", tmp_path)
+    first, rest = experiment.SEEDS[0], experiment.SEEDS[1:]
+    experiment.main(args_for(tmp_path) + ["--seeds", str(first)])
+    assert {r["seed"] for r in experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")} == {first}
+
+    experiment.main(args_for(tmp_path) + ["--seeds", ",".join(map(str, rest))])
+    records = experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")
+    assert len(records) == experiment.EXPECTED == len({experiment.key(r) for r in records})
+    assert "PARTIAL" not in (tmp_path / "experiment" / "nusax-gemma3-270m.md").read_text()
