@@ -3,7 +3,7 @@
     python experiment.py                  # the CPU budget below; run it again to continue after an interruption
     python experiment.py --budget full    # all of NusaX (500 train, 100 validation, 400 test), 3 epochs: a GPU
     python experiment.py --summary        # only the table, from the runs that have finished
-    python experiment.py --seeds 1,2 & python experiment.py --seeds 100   # two cores: one process each
+    python experiment.py --seeds 1,2 & python experiment.py --seeds 100   # one process per core, on a larger machine
 
 For each seed (100, 1, 2): stage 1 once, a LoRA on English NusaX; then for each target language (jav, sun, bug:
 Javanese and Sundanese are the two largest regional languages of Indonesia, with web text and Wikipedias of their
@@ -22,21 +22,24 @@ experiment/nusax-gemma3-270m[-<budget>].jsonl (language, method, rate, seed, val
 and CPU seconds) and is skipped from then on; an interrupted one (Ctrl-C or SIGTERM: train.py checkpoints) continues
 from its checkpoint with --resume. The table (mean and sample standard deviation over seeds) goes to the .md beside.
 
-The CPU budget, calibrated on this project's machine (2 cores shared with five other agents' jobs, load average
-about 8, so a process gets about 2/3 of a core; one torch thread, which ran a step in 30 s where two threads took
-85 s under that load). CPU seconds per item, batch 16, prompts padded to about 90 tokens:
-    training example (forward + backward):  lora 1.25, flare 1.7, input fusion 2.6
-    scoring one item (the three labels):    lora 0.70, flare 1.2, input fusion 1.75
+The CPU budget, calibrated on this project's machine: 2 cores shared with five other agents' jobs (load average
+about 8 when lora and flare were measured, about 3 for input fusion), so a process got 2/3 of a core or less; one
+torch thread, which ran a step in 30 s where two threads took 85 s under that load. CPU seconds per item, batch 16,
+prompts padded to about 90 tokens (input fusion's to about 150):
+    training example (forward + backward):  lora 1.25, flare 1.7, input fusion 1.8
+    scoring one item (the three labels):    lora 0.70, flare 1.25, input fusion 1.1
 With N target training examples, E epochs, V validation and V test items (--max-eval caps both), one validation at
 the end of each run, per language and seed:
-    training  2 x 1.25 NE (lora) + 2 x 1.7 NE (flare) + 2.6 NE (input fusion)              = 8.5 NE
-    scoring   validation: 2 x 0.7 V + 2 x 1.2 V + 1.75 V = 5.55 V;
-              test: 0.7 V (zero-shot) + 2 x 0.7 V + 2 x 2 x 1.2 V (flare and its control) + 1.75 V  = 8.65 V
+    training  2 x 1.25 NE (lora) + 2 x 1.7 NE (flare) + 1.8 NE (input fusion)                   = 7.7 NE
+    scoring   validation 2 x 0.7 V + 2 x 1.25 V + 1.1 V                                          = 5.0 V
+              test 0.7 V (zero-shot) + 2 x 0.7 V + 2 x 2 x 1.25 V (flare and its control) + 1.1 V = 8.2 V
 and per seed stage 1 (N1 English examples, E epochs, one validation) 1.25 N1 E + 0.7 V, translate-test 0.6 V.
-Chosen: N = 64, E = 2 (8 steps of 16), V = 100, N1 = 256 (32 steps): 9 x (1088 + 555 + 865) + 3 x (640 + 70 + 60)
-= 24,900 CPU seconds, about 6.9 CPU hours at this load, plus 39 model loads of a few seconds. That is more
-than the three hours we aimed at: at three hours the same grid would leave 3 optimizer steps and 50 test items per
-run, too few to measure anything. The records hold each run's CPU seconds, so the total is measured, not estimated.
+Chosen: N = 64, E = 2 (8 steps of 16), V = 100, N1 = 256 (32 steps): 9 x (986 + 500 + 820) + 3 x (640 + 70 + 60)
+= 23,100 CPU seconds, about 6.4 CPU hours at this load, plus 39 model loads of a few seconds each. That is twice
+the three hours we aimed at: at three hours the same grid would leave 3 optimizer steps and 50 test items per run,
+too few to measure anything. The records hold each run's CPU seconds, so the total is measured, not estimated.
+Two processes (two seeds at once) ran here at half the speed each, no faster in all than one: the two cores are
+shared, and the model's weights are read from memory at every step.
 --budget full is the paper's setting on all of NusaX (batch 32, 3 epochs, validation every tenth of a run).
 """
 import argparse
@@ -72,8 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"),
                    help="local copy of the dataset repos holding indonlp/NusaX-senti (default: ../shared/data)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "experiment-nusax-gemma3-270m"), help="run folders")
-    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="run only these of the seeds, comma-separated: "
-                   "two processes on two seeds use two cores (they append to the same records, each its own runs)")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="run only these of the seeds, comma-separated, "
+                   "e.g. one process per core (they append to the same records, each its own runs)")
     p.add_argument("--summary", action="store_true", help="write and print the table only; run nothing")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
