@@ -473,12 +473,18 @@ def load_checkpoint(path):
 
 
 def run_method(model, tok, task, splits, method, args, device):
-    """Trains (at each --lr, keeping the best on validation) and tests one method; returns its result row."""
+    """Trains (at each --lr, keeping the best on validation) and tests one method; returns its result row, with the
+    wall-clock and CPU seconds that training and testing took (in this process: a resumed run counts from there)."""
     folder = os.path.join(args.out, method)
+
+    def timed(row, wall, cpu):
+        return {**row, "seconds": time.time() - wall, "cpu_seconds": time.process_time() - cpu}
     if method in EVAL_ONLY:
-        return {"method": method, **evaluate(model, tok, task, splits["test"], method, args, device)}
+        wall, cpu = time.time(), time.process_time()
+        return timed({"method": method, **evaluate(model, tok, task, splits["test"], method, args, device)}, wall, cpu)
     runs = []
     for lr in args.lrs:
+        wall, cpu = time.time(), time.process_time()
         sub = folder if len(args.lrs) == 1 else os.path.join(folder, f"lr{lr:g}")
         torch.manual_seed(args.seed)
         flare.add_lora(model, "transfer", args.rank, args.alpha, args.dropout,
@@ -493,7 +499,7 @@ def run_method(model, tok, task, splits, method, args, device):
             row["mismatched_source_" + task.metric] = \
                 evaluate(model, tok, task, mismatched, method, args, device)[task.metric]
         flare.remove(model, "transfer")
-        runs.append(row)
+        runs.append(timed(row, wall, cpu))
     best = max(runs, key=lambda r: r["val_" + task.metric])
     return {**best, "runs": runs} if len(runs) > 1 else best
 

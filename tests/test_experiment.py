@@ -1,0 +1,158 @@
+"""experiment.py: the grid of runs, their records, skipping what has finished, the choice by validation, the table;
+and the seconds train.run_method records for each run.
+
+The grid runs against a stand-in for train.main that answers from a table of made-up scores (the real runs take
+hours); the seconds are checked on the CPU demo (--model tiny) with an evaluation slowed down by a known amount.
+"""
+import json
+import os
+import statistics
+import time
+
+import pytest
+
+import experiment
+import train
+from test_train import run, tiny_model  # noqa: F401 (tiny_model is a fixture)
+
+
+def fake_score(lang, method, lr, seed):
+    """A distinct made-up score per run, so a test can tell which run a number came from."""
+    base = {"zero-shot": 0.30, "translate-test": 0.60, "lora": 0.50, "flare": 0.55, "input-fusion": 0.52}[method]
+    return base + 0.01 * experiment.SEEDS.index(seed) + (0.02 if lr == 3e-3 and lang == "sun" else 0.0) + \
+        (0.03 if lr == 1e-3 and lang != "sun" else 0.0)
+
+
+@pytest.fixture
+def fake_main(monkeypatch, tmp_path):
+    """train.main replaced by a stand-in; returns the list of argv it was called with."""
+    calls = []
+
+    def main(argv):
+        calls.append(argv)
+        flag = lambda name: argv[argv.index(name) + 1] if name in argv else None
+        out, method, lang, seed = flag("--out"), flag("--methods"), flag("--lang"), int(flag("--seed"))
+        if "--resume" not in argv:
+            assert not os.path.exists(os.path.join(out, "args.json")), "a second run into a folder needs --resume"
+            os.makedirs(out)
+            open(os.path.join(out, "args.json"), "w").write("{}")
+        if flag("--stage1") is None and not os.path.exists(os.path.join(out, "stage1")):
+            os.makedirs(os.path.join(out, "stage1"))
+            with open(os.path.join(out, "stage1", "log.jsonl"), "w") as f:
+                f.write(json.dumps({"step": 1, "val_macro_f1": 0.7}) + "\n" + json.dumps({"step": 2}) + "\n")
+        rows = []
+        for lr in ([None] if method in train.EVAL_ONLY else [float(x) for x in flag("--lr").split(",")]):
+            score = fake_score(lang, method, lr, seed)
+            row = {"method": method, "accuracy": score + 0.1, "macro_f1": score, "seconds": 0.0, "cpu_seconds": 0.0}
+            if lr is not None:
+                row |= {"lr": lr, "val_macro_f1": score}
+            if method == "flare":
+                row["mismatched_source_macro_f1"] = 0.2
+            rows.append(row)
+        return {method: {**max(rows, key=lambda r: r.get("val_macro_f1", 0)), "runs": rows} if len(rows) > 1
+                else rows[0]}
+    monkeypatch.setattr(train, "main", main)
+    return calls
+
+
+def args_for(tmp_path):
+    return ["--model", "gemma", "--runs", str(tmp_path / "runs"), "--data-dir", str(tmp_path)]
+
+
+def test_the_grid_runs_every_method_once_and_a_second_start_runs_nothing(fake_main, tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "ROOT", tmp_path)
+    experiment.main(args_for(tmp_path))
+    records = experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")
+
+    assert len(records) == experiment.EXPECTED == len({experiment.key(r) for r in records})
+    per_seed = 2 + len(experiment.LANGS) * 4  # stage 1 with zero-shot, translate-test; zero-shot lora flare if
+    assert len(fake_main) == len(experiment.SEEDS) * (per_seed - 1)
+    assert sum(1 for argv in fake_main if "--stage1" not in argv and "--resume" not in argv) == len(experiment.SEEDS)
+    assert all(r["val_macro_f1"] == 0.7 and r["seconds"] == 0.0 for r in records if r["method"] == "stage1")
+
+    calls = len(fake_main)
+    experiment.main(args_for(tmp_path))
+    assert len(fake_main) == calls
+
+
+def test_input_fusion_runs_at_the_rate_lora_chose_on_validation(fake_main, tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "ROOT", tmp_path)
+    experiment.main(args_for(tmp_path))
+
+    fusion = [argv for argv in fake_main if "input-fusion" in argv]
+    rates = {(argv[argv.index("--lang") + 1], argv[argv.index("--seed") + 1]): argv[argv.index("--lr") + 1]
+             for argv in fusion}
+    assert rates[("sun", "1")] == "0.003" and rates[("jav", "1")] == "0.001" and len(rates) == 9
+
+
+def test_an_interrupted_grid_goes_on_where_it_stopped(fake_main, tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "ROOT", tmp_path)
+    real = train.main
+
+    def stop_at_the_fifth_call(argv):
+        if len(fake_main) == 4:
+            raise SystemExit("interrupted")
+        return real(argv)
+    monkeypatch.setattr(train, "main", stop_at_the_fifth_call)
+    with pytest.raises(SystemExit):
+        experiment.main(args_for(tmp_path))
+    assert len(experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")) == 7  # 4 runs, 7 records
+
+    monkeypatch.setattr(train, "main", real)
+    experiment.main(args_for(tmp_path))
+    records = experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")
+    assert len(records) == experiment.EXPECTED == len({experiment.key(r) for r in records})
+
+
+def test_the_table_takes_each_seed_at_its_best_rate_on_validation(fake_main, tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "ROOT", tmp_path)
+    experiment.main(args_for(tmp_path))
+    table = (tmp_path / "experiment" / "nusax-gemma3-270m.md").read_text()
+
+    sun = [fake_score("sun", "flare", 3e-3, s) for s in experiment.SEEDS]  # sun is best at 3e-3, the others at 1e-3
+    jav = [fake_score("jav", "flare", 1e-3, s) for s in experiment.SEEDS]
+    row = next(line for line in table.splitlines() if line.startswith("| flare |"))
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    assert cells[0] == f"{100 * statistics.mean(jav):.1f} ± {100 * statistics.stdev(jav):.1f}"
+    assert cells[2] == f"{100 * statistics.mean(sun):.1f} ± {100 * statistics.stdev(sun):.1f}"
+    assert "PARTIAL" not in table and f"{experiment.EXPECTED} of {experiment.EXPECTED} runs" in table
+
+
+def test_a_partial_table_says_so_and_counts_the_seeds(fake_main, tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "ROOT", tmp_path)
+    experiment.main(args_for(tmp_path))
+    path = tmp_path / "experiment" / "nusax-gemma3-270m.jsonl"
+    records = [r for r in experiment.read_records(path) if r["seed"] == experiment.SEEDS[0]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    table = experiment.summary(experiment.read_records(path), "cpu")
+    assert "PARTIAL" in table and "(n=1)" in table and " ± " not in table.split("\n\n")[1]
+
+
+# ------------------------------------------------------------------------------------------ train.run_method
+
+def test_each_result_row_records_the_seconds_its_training_and_testing_took(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    real, pause = train.evaluate, 0.3
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(pause)  # wall-clock time, no CPU time
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    results = run(tiny_model, tmp_path, "--methods", "zero-shot,lora", "--lr", "5e-3,1e-2")
+
+    assert pause <= results["zero-shot"]["seconds"] < 30 * pause
+    assert 0 < results["zero-shot"]["cpu_seconds"] < results["zero-shot"]["seconds"]
+    for row in results["lora"]["runs"]:  # two validations (--eval-every 1, two steps) and the test, per rate
+        assert 3 * pause <= row["seconds"] < 4 * pause + 30
+
+
+def test_two_processes_on_different_seeds_fill_one_record_file(fake_main, tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "ROOT", tmp_path)
+    first, rest = experiment.SEEDS[0], experiment.SEEDS[1:]
+    experiment.main(args_for(tmp_path) + ["--seeds", str(first)])
+    assert {r["seed"] for r in experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")} == {first}
+
+    experiment.main(args_for(tmp_path) + ["--seeds", ",".join(map(str, rest))])
+    records = experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")
+    assert len(records) == experiment.EXPECTED == len({experiment.key(r) for r in records})
+    assert "PARTIAL" not in (tmp_path / "experiment" / "nusax-gemma3-270m.md").read_text()
