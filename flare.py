@@ -230,14 +230,17 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
+def write_json(obj, path):
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
 def save_adapter(model, name, folder, base_model=None):
     """adapter.safetensors and adapter.json (rank, alpha, fusion, targets, base model) in folder, each written
     atomically."""
     os.makedirs(folder, exist_ok=True)
     state, config = adapter_state(model, name), {**adapter_config(model, name), "base_model": base_model}
     atomic_write(os.path.join(folder, "adapter.safetensors"), lambda tmp: save_file(state, tmp))
-    atomic_write(os.path.join(folder, "adapter.json"),
-                 lambda tmp: pathlib.Path(tmp).write_text(json.dumps(config, indent=2)))
+    write_json(config, os.path.join(folder, "adapter.json"))
 
 
 ADAPTER_KEYS = ("name", "r", "alpha", "dropout", "fusion", "targets")

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 import data
 import flare
-from flare import atomic_write
+from flare import atomic_write, write_json
 from model import (Config, KVCache, MissingFile, Transformer, UsageError, compute_dtype, load_model, load_tokenizer,
                    read_json)
 
@@ -206,10 +206,6 @@ def prepare_out(args):
 
 
 # ------------------------------------------------------------------------------------------ small utilities
-
-def write_json(obj, path):
-    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
-
 
 def next_token_targets(labels):
     """The positions whose next token is labelled (position t predicts token t + 1) and those tokens, (B, K) each,
