@@ -5,6 +5,7 @@ The grid runs against a stand-in for train.main that answers from a table of mad
 hours); the seconds are checked on the CPU demo (--model tiny) with an evaluation slowed down by a known amount.
 """
 import json
+import shutil
 import os
 import statistics
 import time
@@ -19,8 +20,9 @@ from test_train import run, tiny_model  # noqa: F401 (tiny_model is a fixture)
 def fake_score(lang, method, lr, seed):
     """A distinct made-up score per run, so a test can tell which run a number came from."""
     base = {"zero-shot": 0.30, "translate-test": 0.60, "lora": 0.50, "flare": 0.55, "input-fusion": 0.52}[method]
-    return base + 0.01 * experiment.SEEDS.index(seed) + (0.02 if lr == 3e-3 and lang == "sun" else 0.0) + \
-        (0.03 if lr == 1e-3 and lang != "sun" else 0.0)
+    first, second = experiment.RATES
+    return base + 0.01 * experiment.SEEDS.index(seed) + (0.02 if lr == second and lang == "sun" else 0.0) + \
+        (0.03 if lr == first and lang != "sun" else 0.0)
 
 
 @pytest.fixture
@@ -37,7 +39,7 @@ def fake_main(monkeypatch, tmp_path):
             os.makedirs(out)
             open(os.path.join(out, "args.json"), "w").write("{}")
         if flag("--stage1") is None and not os.path.exists(os.path.join(out, "stage1")):
-            os.makedirs(os.path.join(out, "stage1"))
+            os.makedirs(os.path.join(out, "stage1", "adapter"))
             with open(os.path.join(out, "stage1", "log.jsonl"), "w") as f:
                 f.write(json.dumps({"step": 1, "val_macro_f1": 0.7}) + "\n" + json.dumps({"step": 2}) + "\n")
         rows = []
@@ -82,7 +84,8 @@ def test_input_fusion_runs_at_the_rate_lora_chose_on_validation(fake_main, tmp_p
     fusion = [argv for argv in fake_main if "input-fusion" in argv]
     rates = {(argv[argv.index("--lang") + 1], argv[argv.index("--seed") + 1]): argv[argv.index("--lr") + 1]
              for argv in fusion}
-    assert rates[("sun", "1")] == "0.003" and rates[("jav", "1")] == "0.001" and len(rates) == 9
+    first, second = (f"{lr:g}" for lr in experiment.RATES)
+    assert rates[("sun", "1")] == second and rates[("jav", "1")] == first and len(rates) == 9
 
 
 def test_an_interrupted_grid_goes_on_where_it_stopped(fake_main, tmp_path, monkeypatch):
@@ -109,8 +112,9 @@ def test_the_table_takes_each_seed_at_its_best_rate_on_validation(fake_main, tmp
     experiment.main(args_for(tmp_path))
     table = (tmp_path / "experiment" / "nusax-gemma3-270m.md").read_text()
 
-    sun = [fake_score("sun", "flare", 3e-3, s) for s in experiment.SEEDS]  # sun is best at 3e-3, the others at 1e-3
-    jav = [fake_score("jav", "flare", 1e-3, s) for s in experiment.SEEDS]
+    # sun is best at the second rate, the others at the first
+    sun = [fake_score("sun", "flare", experiment.RATES[1], s) for s in experiment.SEEDS]
+    jav = [fake_score("jav", "flare", experiment.RATES[0], s) for s in experiment.SEEDS]
     row = next(line for line in table.splitlines() if line.startswith("| flare |"))
     cells = [c.strip() for c in row.split("|")[2:-1]]
     assert cells[0] == f"{100 * statistics.mean(jav):.1f} ± {100 * statistics.stdev(jav):.1f}"
@@ -156,3 +160,22 @@ def test_two_processes_on_different_seeds_fill_one_record_file(fake_main, tmp_pa
     records = experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")
     assert len(records) == experiment.EXPECTED == len({experiment.key(r) for r in records})
     assert "PARTIAL" not in (tmp_path / "experiment" / "nusax-gemma3-270m.md").read_text()
+
+
+def test_a_lost_run_folder_trains_stage_1_again_only_for_the_runs_still_to_come(fake_main, tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "ROOT", tmp_path)
+    experiment.main(args_for(tmp_path))
+    path = tmp_path / "experiment" / "nusax-gemma3-270m.jsonl"
+    seed = experiment.SEEDS[1]
+    lost = lambda r: (r["language"], r["method"], r["seed"]) == ("sun", "lora", seed)
+    records = [r for r in experiment.read_records(path) if not lost(r)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    for d in (tmp_path / "runs").iterdir():  # runs/ is not committed: a fresh clone has only the records
+        shutil.rmtree(d)
+
+    calls = len(fake_main)
+    experiment.main(args_for(tmp_path))
+    again = [[argv[argv.index(flag) + 1] for flag in ("--methods", "--lang")] for argv in fake_main[calls:]]
+    assert again == [["zero-shot", "jav"], ["lora", "sun"]]  # stage 1 in its first run, then the run that needs it
+    records = experiment.read_records(path)
+    assert len(records) == experiment.EXPECTED == len({experiment.key(r) for r in records})
