@@ -230,7 +230,7 @@ def _read_translations(path: str) -> dict[str, dict]:
     records = {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
-            if not line.strip():
+            if not line.strip() or not line.endswith("\n"):  # the last, unfinished line of a crash: translated again
                 continue
             try:
                 record = json.loads(line)
@@ -285,14 +285,17 @@ QUOTED = re.compile(r'["“”«»„]([^"“”«»„]+)["“”«»„]')
 
 def translate_tydiqa(lang: str, split: str, generate, path: str, *, limit: int | None = None, seed: int = 100,
                      cache_dir: str | None = None, data_dir: str | None = None, batch_size: int = 16,
-                     max_new_tokens: int = 512) -> int:
+                     max_new_tokens: int = 512, write: bool = True) -> int:
     """Translate the items load_pairs("tydiqa", lang, split, limit=limit, seed=seed) uses into English with
     generate(prompts: list[str], max_new_tokens: int) -> list[str] (greedy, few-shot), appending to the JSONL file
     at path; items already there are skipped. As in the paper, the answer span is put in quotes before translating
-    the context and read back from the quotes after. Returns how many of the items lost their answer."""
+    the context and read back from the quotes after. Returns how many of the items lost their answer.
+    write=False only reads path and translates what it lacks: the other processes of a torchrun job, which each
+    translate a share of every batch (generate gathers them) while rank 0 writes."""
     _check("tydiqa", lang, split)
     items = _items("tydiqa", lang, split, limit, seed, cache_dir, data_dir)
-    _drop_unfinished_line(path)
+    if write:
+        _drop_unfinished_line(path)
     done = _read_translations(path)
     todo = [it for it in items if it["id"] not in done]
     language = TYDIQA_LANGUAGES[lang].capitalize()
@@ -308,15 +311,17 @@ def translate_tydiqa(lang: str, split: str, generate, path: str, *, limit: int |
             marked.append(it["context"][:s] + f'"{answer}"' + it["context"][s + len(answer):] if s >= 0 else "")
         contexts = translate(marked, max_new_tokens)
         questions = translate([it["question"] for it in batch], 64)
-        with open(path, "a", encoding="utf-8") as f:
-            for it, context, question, was_marked in zip(batch, contexts, questions, marked):
-                quoted = QUOTED.search(context) if was_marked else None
-                answer = quoted.group(1).strip() if quoted else ""
-                if quoted:  # drop the two marks, keep the span
-                    context = context[:quoted.start()] + quoted.group(1) + context[quoted.end():]
-                record = {"id": it["id"], "question": question, "context": context, "answer": answer}
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    done = _read_translations(path)
+        records = []
+        for it, context, question, was_marked in zip(batch, contexts, questions, marked):
+            quoted = QUOTED.search(context) if was_marked else None
+            answer = quoted.group(1).strip() if quoted else ""
+            if quoted:  # drop the two marks, keep the span
+                context = context[:quoted.start()] + quoted.group(1) + context[quoted.end():]
+            records.append({"id": it["id"], "question": question, "context": context, "answer": answer})
+        done |= {r["id"]: r for r in records}
+        if write:
+            with open(path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     return sum(not _answer_kept(done[it["id"]]) for it in items)
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+from torch.distributed.tensor import DTensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
@@ -433,10 +434,13 @@ class Transformer(nn.Module):
         return logits
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, max_new_tokens, eos_id, source=None, use_cache=True):
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_id, source=None, use_cache=True,
+                 all_done=torch.all):
         """Greedy decoding of a left-padded batch. Returns the new tokens (B, <= max_new_tokens); a sequence that
         has produced EOS is continued with EOS. use_cache=False recomputes the whole sequence at every step, which
-        FLARE's position-mixing fusions need (they mix over all earlier positions, which a cache does not keep)."""
+        FLARE's position-mixing fusions need (they mix over all earlier positions, which a cache does not keep).
+        all_done(done) says when to stop early: train.py's asks every process (under FSDP each step's forward
+        gathers weights from all of them, so they stop together)."""
         B, P = input_ids.shape
         dtype = compute_dtype(self.model.embed_tokens.weight)
         cache = KVCache(self.config, B, P + max_new_tokens, dtype, input_ids.device) if use_cache else None
@@ -449,7 +453,7 @@ class Transformer(nn.Module):
             next_token = torch.where(done, eos[0], next_token)
             out.append(next_token)
             done |= torch.isin(next_token, eos)
-            if done.all():
+            if all_done(done):
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
             tokens = next_token[:, None] if use_cache else torch.cat([tokens, next_token[:, None]], 1)
@@ -508,9 +512,11 @@ def checkpoint_files(folder: str) -> list[str]:
     return files
 
 
-def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu") -> Transformer:
+def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu", shard=None) -> Transformer:
     """The model of an alias, Hub repo id or local folder, weights streamed tensor by tensor into place, so the
-    weights are never held twice. Every tensor of the checkpoint is checked against the config by name and shape."""
+    weights are never held twice. Every tensor of the checkpoint is checked against the config by name and shape.
+    shard: a function that shards the model in place (train.shard_per_layer, FSDP2), applied before any weight is
+    read: each process then reads only its rows of each tensor."""
     folder = resolve(name_or_path)
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
@@ -526,6 +532,8 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu") -> Transfo
     files = checkpoint_files(folder)
     with torch.device("meta"):
         model = Transformer(config).to(dtype)  # the dtype is set on meta tensors: nothing allocated, nothing converted
+    if shard is not None:
+        shard(model)
     model = model.to_empty(device=device)  # uninitialised: every value comes from the checkpoint
     model.inv_freq = rope_frequencies(config).to(device)  # computed buffers, not in the checkpoint, kept in fp32
     if config.sliding_rope_theta:
@@ -560,7 +568,7 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu") -> Transfo
             # The file is opened per tensor: safe_open memory-maps it, and the pages read stay resident until it is
             # closed, which would hold a second copy of a one-file checkpoint next to the weights.
             with torch.no_grad(), safe_open(path, framework="pt") as f:
-                params[name].copy_(f.get_tensor(stored))
+                copy_rows(params[name], f.get_slice(stored))
             missing.discard(name)
     if unexpected or missing:
         raise UsageError(f"checkpoint {folder} does not match the {config_path} architecture: "
@@ -570,6 +578,18 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu") -> Transfo
         print(f"{folder}: a multimodal Gemma 3, of which flare uses the text decoder; skipped " +
               ", ".join(f"{prefix}* ({n} tensors)" for prefix, n in sorted(skipped.items())), file=sys.stderr)
     return model.eval().requires_grad_(False)
+
+
+def copy_rows(param, stored):
+    """Fills a parameter from a safetensors slice: all of it, or of a parameter sharded by FSDP2 (a DTensor split by
+    rows over the processes, as torch.chunk splits them) only this process's rows."""
+    if isinstance(param, DTensor):
+        local = param.to_local()
+        start = param.device_mesh.get_local_rank() * math.ceil(param.shape[0] / param.device_mesh.size())
+        if local.shape[0]:  # the last processes hold no rows of a tensor shorter than their number
+            local.copy_(stored[start:start + local.shape[0]])
+    else:
+        param.copy_(stored[:])
 
 
 class Tokenizer:

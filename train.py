@@ -2,6 +2,8 @@
 
     python train.py --model llama3.1-8b --lang sw                  # XNLI, FLARE, on one CUDA GPU
     python train.py --model tiny --task synth                      # the CPU demo: a few minutes on a laptop
+    torchrun --nproc_per_node 8 train.py --model llama3.1-8b       # data parallel over the 8 GPUs of one node
+    torchrun --nproc_per_node 8 train.py --model llama3.1-70b --fsdp --checkpointing   # the base sharded too
 
 Methods (--methods, comma-separated, sharing one stage-1 run):
     flare           a fresh LoRA on the target data, fusing the English source in q_proj and v_proj
@@ -15,7 +17,9 @@ the same flags, or --overwrite). TyDiQA without --translations is first translat
 itself (few-shot, greedy), cached in --out/translations-<lang>.jsonl.
 """
 import argparse
+import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -26,8 +30,11 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 import data
 import flare
@@ -78,6 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=200, help="optimizer steps between checkpoints")
     p.add_argument("--seed", type=int, default=100)
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (fusion stays on)")
+    p.add_argument("--fsdp", action="store_true", help="with torchrun: shard the frozen base model's weights over the "
+                   "processes (FSDP2, per decoder layer), for a model that does not fit one GPU")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU (most CPUs lack bf16 units: 5-10x slower)")
     p.add_argument("--stage1", default=None, help="folder of a saved stage-1 adapter to reuse")
@@ -140,6 +149,9 @@ def parse_args(argv=None):
         p.error(f"--seed must be at least 0 and below 2**32 (got {args.seed})")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out and --overwrite deletes it: give one of them")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        p.error("--fsdp shards the model over the processes that torchrun starts: run "
+                "`torchrun --nproc_per_node <GPUs> train.py ... --fsdp`")
     if args.stage1:
         try:
             fusion = flare.read_adapter_config(args.stage1)["fusion"]
@@ -159,8 +171,9 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------ the run folder
 # Flags a resumed run may change: none of them changes what is trained or how it is tested. --methods may add
-# methods to a run; lr is compared as lrs (the rates as numbers, so 5e-3 and 0.005 are the same).
-RESUMABLE_FLAGS = ("methods", "eval_every", "save_every", "checkpointing", "lr")
+# methods to a run; lr is compared as lrs (the rates as numbers, so 5e-3 and 0.005 are the same). Neither --fsdp nor
+# the number of processes changes a result: a run may continue with other ones.
+RESUMABLE_FLAGS = ("methods", "eval_every", "save_every", "checkpointing", "lr", "fsdp")
 
 
 def run_entries(out):
@@ -230,9 +243,11 @@ class Progress:
 
     def __init__(self, total, label, first_step=0):
         self.total, self.label, self.first_step = total, label, first_step  # first_step: where a resumed run starts
-        self.start, self.tty = time.time(), sys.stderr.isatty()
+        self.start, self.tty, self.quiet = time.time(), sys.stderr.isatty(), world()[1] != 0
 
     def update(self, step, loss, lr, tokens_per_s):
+        if self.quiet:
+            return
         per_step = (time.time() - self.start) / max(step - self.first_step, 1)  # this session's pace
         left = per_step * (self.total - step)
         bar = "#" * int(20 * step / self.total)
@@ -241,8 +256,131 @@ class Progress:
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def close(self):
-        if self.tty:
+        if self.tty and not self.quiet:
             print(file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ more than one process
+# torchrun starts one process per GPU. Every process runs the whole pipeline over the same data order and takes
+# every N-th row of each batch (the global batch keeps its size); DDP averages the adapter's gradients over them, so
+# each step equals one process's over the whole batch; evaluation is split the same way and gathered. Rank 0 alone
+# writes files and prints. --fsdp also shards the frozen base (see shard_per_layer).
+
+def world():
+    """(number of processes, this one's rank): (1, 0) without torchrun."""
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
+def start_processes():
+    """This process's device; under torchrun (WORLD_SIZE > 1) it joins the others first: NCCL between GPUs, gloo
+    on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():  # experiment.py calls main once per run, in one process
+        # The others wait while rank 0 alone pretrains the demo model: longer than the default 10 minutes on a CPU.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+    return device
+
+
+def on_rank0(fn, *args):
+    """fn(*args) on rank 0 only (what writes files); the others wait for it, and fail with its error if it fails
+    with a UsageError (any other error stops rank 0, and torchrun then stops them all)."""
+    world_size, rank = world()
+    if world_size == 1:
+        return fn(*args)
+    error = None
+    try:
+        if rank == 0:
+            fn(*args)
+    except UsageError as e:
+        error = e
+    message = [None if error is None else str(error)]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise UsageError(message[0])
+
+
+def note(*args):
+    """A notice on stderr, from rank 0 only."""
+    if world()[1] == 0:
+        print(*args, file=sys.stderr, flush=True)
+
+
+def my_share(items):
+    """Every N-th item from this process's rank on, padded (with its last) to the same count on every process:
+    under FSDP every process must run the same forwards, since each gathers weights from all the others."""
+    world_size, rank = world()
+    mine = items[rank::world_size]
+    return mine + (mine[-1:] or items[:1]) * (math.ceil(len(items) / world_size) - len(mine))
+
+
+def gathered(mine, n):
+    """The n results of every process's my_share, in the order of the items they came from."""
+    world_size, _ = world()
+    if world_size == 1:
+        return mine[:n]
+    shares = [None] * world_size
+    dist.all_gather_object(shares, mine)
+    return [shares[i % world_size][i // world_size] for i in range(n)]
+
+
+def process_mean(x):
+    """The mean of a scalar tensor over the processes, as a number."""
+    if world()[0] == 1:
+        return x.item()
+    x = x.clone()
+    dist.all_reduce(x)  # a sum: gloo has no average
+    return x.item() / world()[0]
+
+
+def all_done(done):
+    """Whether every process's sequences have all ended (greedy decoding stops for all processes at once)."""
+    if world()[0] == 1:
+        return bool(done.all())
+    pending = (~done).sum()
+    dist.all_reduce(pending)
+    return int(pending) == 0
+
+
+def batch_rows(b):
+    """This process's rows of a training batch (every N-th from its rank) and the weight of their mean loss: their
+    share of the batch's labelled tokens, times N. DDP averages the gradients over the N processes, so the weighted
+    means add up to the mean over the whole batch, as one process computes it. A process left without rows (a last
+    batch smaller than N) runs row 0 at weight 0: DDP needs every process in every backward."""
+    world_size, rank = world()
+    if world_size == 1:
+        return b, 1.0
+    rows = slice(rank, None, world_size) if rank < len(b.input_ids) else slice(0, 1)
+    mine = dataclasses.replace(b, **{k: v[rows] for k, v in vars(b).items() if isinstance(v, torch.Tensor)})
+    labelled = lambda batch: int((batch.labels[:, 1:] != -100).sum())
+    return mine, (labelled(mine) * world_size / labelled(b) if rank < len(b.input_ids) else 0.0)
+
+
+def data_parallel(model, device):
+    """The model under DDP for its trainable adapter: gradients averaged over the processes during backward. The
+    frozen rest (whole on every process, or sharded by --fsdp) is left out: nothing of it is broadcast or reduced."""
+    if world()[0] == 1:
+        return model
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def shard_per_layer(model):
+    """FSDP2 (--fsdp): each decoder layer's weights split by rows over the processes, gathered for the layer's
+    forward and backward and freed after; then the rest (embeddings, final norm, lm_head) as the root. Applied to
+    the model on the meta device, before model.load_model reads each process's rows. The input norms stay whole
+    (a few KB): the source pass calls them outside their layer's forward, where FSDP would not gather them. The
+    adapters, added later, are not sharded: whole on every process, 0.15% of Llama 3.1 70B's weights at rank 8."""
+    for layer in model.model.layers:
+        fully_shard(layer, ignored_params={layer.input_layernorm.weight})
+    fully_shard(model)
 
 
 # ------------------------------------------------------------------------------------------ forward per method
@@ -273,11 +411,12 @@ def method_batch(pairs, tok, task, method, device, answers=None):
 
 @torch.no_grad()
 def evaluate(model, tok, task, pairs, method, args, device):
-    """The task's metrics on pairs: classification by the most likely label word, QA by greedy decoding."""
+    """The task's metrics on pairs: classification by the most likely label word, QA by greedy decoding. Under
+    torchrun each process predicts its share (my_share) in batches of its share of --batch-size."""
     model.eval()
-    preds = []
-    for i in range(0, len(pairs), args.batch_size):
-        chunk = pairs[i:i + args.batch_size]
+    preds, mine, per_batch = [], my_share(pairs), math.ceil(args.batch_size / world()[0])
+    for i in range(0, len(mine), per_batch):
+        chunk = mine[i:i + per_batch]
         with autocast(device, args):
             if task.labels:  # log-likelihood of each label word (+ EOS) after the prompt
                 best = label_logprobs(model, tok, task, chunk, method, args, device).argmax(-1).tolist()
@@ -286,9 +425,9 @@ def evaluate(model, tok, task, pairs, method, args, device):
                 b = method_batch(chunk, tok, task, method, device, answers=False)
                 new = model.generate(b.input_ids, b.attention_mask, MAX_NEW_TOKENS, tok.eos_id,
                                      source=batch_source(model, b, method, args),
-                                     use_cache=not position_mixing(method, args))
+                                     use_cache=not position_mixing(method, args), all_done=all_done)
                 preds += [tok.decode([t for t in row if t != tok.eos_id]).strip() for row in new.tolist()]
-    return data.metrics(task, preds, [p.answer for p in pairs])
+    return data.metrics(task, gathered(preds, len(pairs)), [p.answer for p in pairs])
 
 
 def position_mixing(method, args):
@@ -326,14 +465,15 @@ def label_logprobs(model, tok, task, pairs, method, args, device):
 
 
 def generate_text(model, tok, prompts, max_new_tokens, args, device):
-    """Greedy continuations of a list of prompts, each cut at its first line break."""
-    ids = [tok.encode(p) for p in prompts]
+    """Greedy continuations of a list of prompts, each cut at its first line break (each process its share)."""
+    ids = [tok.encode(p) for p in my_share(prompts)]
     P = max(map(len, ids))
     x = torch.tensor([[tok.pad_id] * (P - len(i)) + i for i in ids], device=device)
     mask = torch.tensor([[0] * (P - len(i)) + [1] * len(i) for i in ids], device=device)
     with autocast(device, args):
-        new = model.generate(x, mask, max_new_tokens, tok.eos_id)
-    return [tok.decode([t for t in row if t != tok.eos_id]).strip().split("\n")[0] for row in new.tolist()]
+        new = model.generate(x, mask, max_new_tokens, tok.eos_id, all_done=all_done)
+    texts = [tok.decode([t for t in row if t != tok.eos_id]).strip().split("\n")[0] for row in new.tolist()]
+    return gathered(texts, len(prompts))
 
 
 def autocast(device, args):
@@ -359,63 +499,41 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
     eval_every = args.eval_every or math.ceil(total / 10)
     schedule = lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    step, best, best_state = 0, -1.0, None
     log_path, ckpt_path = os.path.join(folder, "log.jsonl"), os.path.join(folder, "checkpoint.pt")
-
-    def save_checkpoint():
-        state = {"adapter": flare.adapter_state(model, name), "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "step": step, "best": best, "best_state": best_state}
-        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
-
     if args.resume and os.path.exists(ckpt_path):
-        ck = load_checkpoint(ckpt_path)
-        flare.set_adapter_state(model, name, ck["adapter"], ckpt_path)
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        step, best, best_state = ck["step"], ck["best"], ck["best_state"]
-        if os.path.exists(log_path):  # a crash leaves steps after the checkpoint in the log: they run again
-            with open(log_path) as f:
-                lines = f.readlines()
-            if lines and not lines[-1].endswith("\n"):  # a record cut short: the next one must not be glued to it
-                lines.pop()
-            atomic_write(log_path, lambda tmp: pathlib.Path(tmp).write_text("".join(lines[:step])))
-            if len(lines) < step:
-                print(f"{log_path} lacks the records of steps {len(lines) + 1} to {step} (the file was cut short); "
-                      f"training goes on from the checkpoint", file=sys.stderr)
-        print(f"resuming {folder} at step {step}/{total}", file=sys.stderr)
+        step, best, best_state = resume(folder, model, name, opt, sched)
+        note(f"resuming {folder} at step {step}/{total}")
     else:  # a fresh run: nothing of an earlier one in this folder may be resumed or appended to
+        step, best, best_state = 0, -1.0, None
         for stale in (log_path, ckpt_path):
-            if os.path.exists(stale):
+            if os.path.exists(stale) and world()[1] == 0:
                 os.remove(stale)
-
+    save = lambda: save_checkpoint(ckpt_path, model, name, opt, sched, step, best, best_state)
+    net = data_parallel(model, device)
     progress = Progress(total, f"{method} lr {lr:g}", first_step=step)
-    micro = args.batch_size
     try:
         while step < total:
-            # The data order and dropout's random state (on every device) follow from the step: nothing to save.
-            epoch, k = divmod(step, per_epoch)
-            order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(args.seed + epoch))
-            torch.manual_seed(args.seed * 1_000_003 + step)
-            start = time.time()
             model.train()
-            tokens, loss_sum = 0, 0.0
-            for a in range(args.grad_accum):
-                idx = order[(k * args.grad_accum + a) * micro:(k * args.grad_accum + a + 1) * micro].tolist()
-                if not idx:
-                    continue
-                b = method_batch([train_pairs[i] for i in idx], tok, task, method, device)
+            torch.manual_seed(args.seed * 1_000_003 + step)  # dropout's random state (on every device) too
+            start, tokens, loss_sum = time.time(), 0, 0.0
+            micro = step_batches(len(train_pairs), step, per_epoch, args)
+            for a, idx in enumerate(micro):
+                whole = method_batch([train_pairs[i] for i in idx], tok, task, method, device)
+                b, weight = batch_rows(whole)
                 positions, targets = next_token_targets(b.labels)
-                with autocast(device, args):
-                    loss = lm_loss(batch_forward(model, b, method, args, logits_at=positions), targets)
-                if not torch.isfinite(loss):
-                    kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else \
-                        f"no checkpoint was saved yet (--save-every {args.save_every})"
-                    raise Diverged(
-                        f"{method}: the loss is {loss.item()} at step {step + 1}; stopped, {kept}. Lower --lr "
-                        f"(now {lr:g}) or use --precision fp32, then rerun with --resume.")
-                (loss / args.grad_accum).backward()
-                tokens += int(b.attention_mask.sum())
-                loss_sum += loss.item() / args.grad_accum
+                last = a == len(micro) - 1  # DDP averages the gradients in the last micro-batch's backward
+                with contextlib.nullcontext() if last or net is model else net.no_sync():
+                    with autocast(device, args):
+                        loss = weight * lm_loss(batch_forward(net, b, method, args, logits_at=positions), targets)
+                    batch_loss = process_mean(loss.detach())  # the mean over the whole micro-batch
+                    if not math.isfinite(batch_loss):
+                        kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else \
+                            f"no checkpoint was saved yet (--save-every {args.save_every})"
+                        raise Diverged(f"{method}: the loss is {batch_loss} at step {step + 1}; stopped, {kept}. "
+                                       f"Lower --lr (now {lr:g}) or use --precision fp32, then rerun with --resume.")
+                    (loss / args.grad_accum).backward()
+                tokens += int(whole.attention_mask.sum())
+                loss_sum += batch_loss / args.grad_accum
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -428,23 +546,35 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
                 record["val_" + task.metric] = score
                 if score > best:
                     best, best_state = score, flare.adapter_state(model, name)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if world()[1] == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             progress.update(step, loss_sum, record["lr"], record["tokens_per_s"])
             if step % args.save_every == 0 or step == total:
-                save_checkpoint()
+                save()
     except KeyboardInterrupt:
-        save_checkpoint()
+        save()
         progress.close()
         raise SystemExit(f"\ninterrupted at step {step}; checkpoint saved. Continue with the same command and "
-                         f"--resume.")
+                         f"--resume." if world()[1] == 0 else 1)
     progress.close()
     if best_state is None:  # a Ctrl-C stopped the only validation, at the last step: it runs now
         best, best_state = evaluate(model, tok, task, val_pairs, method, args, device)[task.metric], \
             flare.adapter_state(model, name)
     flare.set_adapter_state(model, name, best_state)  # keep the best adapter by validation
-    flare.save_adapter(model, name, os.path.join(folder, "adapter"), base_model=args.model)
+    if world()[1] == 0:
+        flare.save_adapter(model, name, os.path.join(folder, "adapter"), base_model=args.model)
     return best
+
+
+def step_batches(n, step, per_epoch, args):
+    """The micro-batches (item indices out of n) of optimizer step `step`. The data order follows from the epoch
+    and the seed, so a resumed run needs nothing saved to go on with the same batches."""
+    epoch, k = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+    first = k * args.grad_accum * args.batch_size
+    micro = [order[first + a * args.batch_size:first + (a + 1) * args.batch_size] for a in range(args.grad_accum)]
+    return [idx for idx in micro if idx]
 
 
 class Diverged(UsageError, FloatingPointError):
@@ -466,6 +596,37 @@ def load_checkpoint(path):
                          f"delete it and rerun with --resume to train this stage again from its first step (the "
                          f"rest of the run is kept).")
     return ck
+
+
+def save_checkpoint(path, model, name, opt, sched, step, best, best_state):
+    """checkpoint.pt, atomically, from rank 0: what a resumed run needs besides the step (data order and dropout
+    follow from it): the adapter, the optimizer and schedule, the best validation score so far and its adapter."""
+    if world()[1] == 0:
+        state = {"adapter": flare.adapter_state(model, name), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "step": step, "best": best, "best_state": best_state}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def resume(folder, model, name, opt, sched):
+    """Puts folder/checkpoint.pt back into the adapter, optimizer and schedule; returns its step, best score and
+    best adapter. folder/log.jsonl is cut back to the checkpoint's steps: a crash leaves the records of steps after
+    it, which run again."""
+    log_path, ckpt_path = os.path.join(folder, "log.jsonl"), os.path.join(folder, "checkpoint.pt")
+    ck = load_checkpoint(ckpt_path)
+    flare.set_adapter_state(model, name, ck["adapter"], ckpt_path)
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    step = ck["step"]
+    if os.path.exists(log_path) and world()[1] == 0:
+        with open(log_path) as f:
+            lines = f.readlines()
+        if lines and not lines[-1].endswith("\n"):  # a record cut short: the next one must not be glued to it
+            lines.pop()
+        atomic_write(log_path, lambda tmp: pathlib.Path(tmp).write_text("".join(lines[:step])))
+        if len(lines) < step:
+            note(f"{log_path} lacks the records of steps {len(lines) + 1} to {step} (the file was cut short); "
+                 f"training goes on from the checkpoint")
+    return step, ck["best"], ck["best_state"]
 
 
 def run_method(model, tok, task, splits, method, args, device):
@@ -555,16 +716,17 @@ def pretrain_tiny(folder, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = start_processes()
     torch.manual_seed(args.seed)
-    prepare_out(args)
+    on_rank0(prepare_out, args)
     if args.model == "tiny":
         model_path = os.path.join(args.out, "tiny-model")
-        pretrain_tiny(model_path, args, device)
+        on_rank0(pretrain_tiny, model_path, args, device)
     else:
         model_path = args.model
     task = dataclasses.replace(data.TASKS[args.task], max_length=args.max_length)
-    model = load_model(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+    model = load_model(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device,
+                       shard=shard_per_layer if args.fsdp else None)
     tok = load_tokenizer(model_path)
     # Methods that only evaluate read the target test split alone: XNLI's train file (392k items) is absent from
     # many local copies, and TyDiQA's validation split is carved out of its train file.
@@ -575,9 +737,11 @@ def main(argv=None):
         for split in splits:
             lost = data.translate_tydiqa(args.lang, split, translate, args.translations,
                                          limit=args.max_train if split == "train" else args.max_eval,
-                                         seed=args.seed, data_dir=args.data_dir)
-            print(f"tydiqa {args.lang} {split}: translated into {args.translations}; {lost} items lost their answer "
-                  f"and are left out", file=sys.stderr)
+                                         seed=args.seed, data_dir=args.data_dir, write=world()[1] == 0)
+            note(f"tydiqa {args.lang} {split}: translated into {args.translations}; {lost} items lost their answer "
+                 f"and are left out")
+        if world()[0] > 1:
+            dist.barrier()  # every process reads the translations below, once rank 0 has written them all
     load = lambda lang, split, limit: data.load_pairs(args.task, lang, split, limit=limit, seed=args.seed,
                                                       translations=args.translations, data_dir=args.data_dir)
     target = {s: load(args.lang, s, args.max_train if s == "train" else args.max_eval) for s in splits}
@@ -586,7 +750,7 @@ def main(argv=None):
     stage1 = args.stage1 or os.path.join(args.out, "stage1", "adapter")
     if args.stage1 or args.resume and os.path.exists(os.path.join(stage1, "adapter.json")):
         flare.load_adapter(model, stage1, name="task")
-        print(f"stage 1: reusing {stage1}", file=sys.stderr)
+        note(f"stage 1: reusing {stage1}")
     else:
         try:
             english = {s: load("en", s, args.stage1_max_train if s == "train" else args.max_eval)
@@ -605,13 +769,14 @@ def main(argv=None):
                         "their checkpoints") if args.resume and os.path.exists(results_path) else {}
     for method in args.methods:
         if method in results:
-            print(f"{method}: done before, kept", file=sys.stderr)
+            note(f"{method}: done before, kept")
             continue
         results[method] = run_method(model, tok, task, target, method, args, device)
-        write_json(results, results_path)
+        on_rank0(write_json, results, results_path)
     table = results_table(results, task, args)
-    atomic_write(os.path.join(args.out, "results.md"), lambda tmp: pathlib.Path(tmp).write_text(table + "\n"))
-    print(table)
+    on_rank0(atomic_write, os.path.join(args.out, "results.md"), lambda tmp: pathlib.Path(tmp).write_text(table + "\n"))
+    if world()[1] == 0:
+        print(table)
     return results
 
 
@@ -643,6 +808,9 @@ def cli(argv=None):
         sys.exit(f"flare: {e}")
     except KeyboardInterrupt:  # outside a training loop, where nothing is lost that --resume does not redo
         sys.exit("flare: interrupted; continue with the same command and --resume")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

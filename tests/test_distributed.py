@@ -1,0 +1,136 @@
+"""torchrun: two CPU processes (gloo) against one process on the same global batch, on the tiny demo model.
+
+For lora and flare, under DDP and under --fsdp: the per-step losses of stage 1 and of each method equal one
+process's (relative 1e-4), the saved adapters are the same, and the split evaluation gives the same scores; a
+two-process run stopped by Ctrl-C and resumed reaches the same losses as the uninterrupted one; only rank 0 writes
+and pretrains; --fsdp shards the base (each process holds about half of its weights).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+import train
+from test_train import SMALL, read_log, tiny_model  # noqa: F401 (tiny_model is a fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Stage 1 32 English examples, 4 steps of 8; lora and flare 16 target examples, 2 steps each, validated at each.
+FLAGS = SMALL + ["--methods", "lora,flare"]
+STAGES = ("stage1", "lora", "flare")
+
+
+def torchrun(out, *flags, env=None, tiny=None):
+    """train.cli in two processes (tests/torchrun_main.py); returns the completed process."""
+    if tiny and not os.path.exists(os.path.join(out, "tiny-model")):
+        shutil.copytree(tiny, os.path.join(out, "tiny-model"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "tests", "torchrun_main.py"), *FLAGS, "--out", str(out), *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def finished(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def one(tiny_model, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("one")
+    shutil.copytree(tiny_model, out / "tiny-model")
+    return out, train.main(FLAGS + ["--out", str(out)])
+
+
+@pytest.fixture(scope="module")
+def ddp(tiny_model, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("ddp")
+    return out, finished(torchrun(out, tiny=tiny_model))
+
+
+@pytest.fixture(scope="module")
+def fsdp(tiny_model, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("fsdp")
+    return out, finished(torchrun(out, "--fsdp", tiny=tiny_model))
+
+
+def same_losses(a, b, rel=1e-4):
+    for stage in STAGES:
+        la, lb = read_log(a / stage / "log.jsonl"), read_log(b / stage / "log.jsonl")
+        assert [r["step"] for r in la] == [r["step"] for r in lb] and la
+        for ra, rb in zip(la, lb):
+            assert ra["loss"] == pytest.approx(rb["loss"], rel=rel), (stage, ra, rb)
+            assert ra.get("val_accuracy") == rb.get("val_accuracy"), (stage, ra, rb)
+
+
+def same_adapters(a, b, rel=1e-3):
+    """Each tensor of each saved adapter within rel of the other's, in norm. Adam's first steps divide each gradient
+    by its own size, so where a gradient is near zero a rounding difference (the sum over two processes' rows is
+    added in another order) moves that element by up to the learning rate (measured: 2e-4 of the norm of a flare
+    q_proj lora_B, within 1e-5 for the others)."""
+    for stage in STAGES:
+        wa, wb = (load_file(out / stage / "adapter" / "adapter.safetensors") for out in (a, b))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert (wa[k] - wb[k]).norm() <= rel * wb[k].norm(), (stage, k)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_as_one_on_the_same_global_batch(mode, one, request):
+    out, _ = request.getfixturevalue(mode)
+    same_losses(one[0], out)
+    same_adapters(one[0], out)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_the_split_evaluation_scores_what_one_process_scores(mode, one, request):
+    out, proc = request.getfixturevalue(mode)
+    results = json.loads((out / "results.json").read_text())
+    for method in ("lora", "flare"):
+        for key in ("accuracy", "macro_f1", "val_accuracy", "mismatched_source_accuracy"):
+            assert results[method].get(key) == one[1][method].get(key), (method, key)
+    assert proc.stdout.count("| method |") == 1  # the table, printed by rank 0 alone
+
+
+def test_fsdp_shards_the_base_and_ddp_does_not(ddp, fsdp):
+    def held(proc):
+        lines = [line.split() for line in proc.stderr.splitlines() if " holds " in line]
+        return {int(w[1]): (int(w[3]), int(w[5])) for w in lines}
+    whole = held(ddp[1])
+    assert sorted(whole) == [0, 1] and all(h == n for h, n in whole.values())
+    shards = held(fsdp[1])
+    total = shards[0][1]
+    assert sorted(shards) == [0, 1] and shards[0][0] + shards[1][0] < 1.01 * total / 2 + total / 2
+    assert all(0.4 * total < h < 0.6 * total for h, _ in shards.values())
+
+
+def test_only_rank_0_writes_the_logs(ddp, one):
+    for stage in STAGES:  # one record per step: a second writer would double them
+        assert len(read_log(ddp[0] / stage / "log.jsonl")) == len(read_log(one[0] / stage / "log.jsonl"))
+
+
+def test_an_interrupted_two_process_run_resumes_to_the_same_losses(ddp, tiny_model, tmp_path):  # noqa: F811
+    stopped = torchrun(tmp_path, tiny=tiny_model, env={"FLARE_TEST_STOP_AT": "6"})  # stage 1's 4 steps, lora's 2nd
+    assert stopped.returncode != 0 and "interrupted at step 1; checkpoint saved" in stopped.stderr
+    assert (tmp_path / "lora" / "checkpoint.pt").exists() and not (tmp_path / "results.json").exists()
+
+    finished(torchrun(tmp_path, "--resume"))
+    same_losses(ddp[0], tmp_path, rel=1e-6)
+    same_adapters(ddp[0], tmp_path, rel=1e-6)
+
+
+def test_rank_0_alone_pretrains_the_demo_model(tmp_path):
+    proc = finished(torchrun(tmp_path, "--methods", "zero-shot", env={"FLARE_TEST_PRETRAIN_STEPS": "2"}))
+    assert [line for line in proc.stderr.splitlines() if "pretrains" in line] == ["rank 0 pretrains"]
+    assert (tmp_path / "tiny-model" / "model.safetensors").exists()
+    assert "accuracy" in json.loads((tmp_path / "results.json").read_text())["zero-shot"]
+
+
+def test_fsdp_without_torchrun_says_how_to_start_it(monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--fsdp"])
+    assert "torchrun --nproc_per_node" in capsys.readouterr().err

@@ -1,0 +1,40 @@
+"""train.cli as torchrun starts it, for tests/test_distributed.py, with three test hooks set from the environment:
+FLARE_TEST_STOP_AT=n raises Ctrl-C's KeyboardInterrupt in every process at the n-th training step of the run (all
+stages counted), FLARE_TEST_PRETRAIN_STEPS=n shortens the tiny model's pretraining, and every process reports on
+stderr whether it pretrained and how many of the base model's weights it holds."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+import train  # noqa: E402
+
+RANK = os.environ.get("RANK", "0")
+real_step_batches, real_pretrain, real_load = train.step_batches, train.pretrain_tiny, train.load_model
+steps = []
+
+
+def step_batches(*args):
+    steps.append(args[1])
+    if len(steps) == int(os.environ.get("FLARE_TEST_STOP_AT", 0)):
+        raise KeyboardInterrupt
+    return real_step_batches(*args)
+
+
+def pretrain_tiny(*args):
+    print(f"rank {RANK} pretrains", file=sys.stderr)
+    return real_pretrain(*args)
+
+
+def load_model(*args, **kwargs):
+    model = real_load(*args, **kwargs)
+    held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+    print(f"rank {RANK} holds {held} of {sum(p.numel() for p in model.parameters())} weights", file=sys.stderr)
+    return model
+
+
+train.step_batches, train.pretrain_tiny, train.load_model = step_batches, pretrain_tiny, load_model
+train.PRETRAIN_STEPS = int(os.environ.get("FLARE_TEST_PRETRAIN_STEPS", train.PRETRAIN_STEPS))
+train.cli()
