@@ -178,13 +178,11 @@ def source_representations(model, source_ids, source_mask, kind="normed"):
     The FLARE adapter is any adapter with a fusion, whatever its name. For each layer, what that layer's q_proj
     and v_proj see ("normed": input_layernorm(h)), or the residual stream entering it ("residual", what the
     public reference code feeds). Padded positions are zeroed."""
-    if kind not in ("normed", "residual"):
-        raise ValueError(f"unknown source representation {kind!r}; choose 'normed' or 'residual'")
     fused = {m.name for m in model.modules() if isinstance(m, LoRA) and m.fusion is not None}
     with contextlib.ExitStack() as stack:
         for name in fused:
             stack.enter_context(disabled(model, name))
-        reps = model(source_ids, source_mask, layer_inputs=kind)
+        reps = model.layer_inputs(source_ids, source_mask, kind)
     # Stored in the dtype the adapters compute in (bf16 under autocast): held once, not once more as autocast's copy.
     keep = source_mask[..., None].to(reps[0].dtype)
     return [(r * keep).to(compute_dtype(r)) for r in reps]

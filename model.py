@@ -371,33 +371,76 @@ class Transformer(nn.Module):
         if config.sliding_rope_theta:  # Gemma 3: the sliding layers' table
             self.register_buffer("sliding_inv_freq", rope_frequencies(config, sliding=True), persistent=False)
 
-    def forward(self, input_ids, attention_mask=None, source=None, cache=None, checkpoint=False, layer_inputs=None,
-                logits_at=None):
+    def forward(self, input_ids, attention_mask=None, source=None, cache=None, checkpoint=False, logits_at=None):
         """Logits (B, T, vocab) in fp32, or (B, K, vocab) at the positions logits_at asks for.
 
-        attention_mask: (B, S) with 1 for real tokens and 0 for (left) padding; S = T, or with a cache, every
-            position so far including these T. Positions count real tokens only, as in transformers.
-        source: FLARE's English representations, one (B, P, hidden) tensor per layer over the source prompt.
-            Target position i is fused with source position i, and positions past P with the last one (P - 1).
-            q_proj and v_proj receive (source rows for these positions, mask of the real target positions).
+        attention_mask, source, cache: as attention_inputs takes them.
         checkpoint: recompute each layer in the backward pass (activation checkpointing); the source goes in as
             an argument, so it is fused in the recomputation too.
-        layer_inputs: "normed" or "residual": return each layer's input (after or before input_layernorm)
-            instead of logits; this is the source pass (flare.source_representations).
         logits_at: (B, K) positions (of these T) whose logits are wanted, gathered from the last hidden state
             before the final norm and lm_head; None: every position. The lm_head and the fp32 logits cost B x T x
             vocab, while training reads only the few positions whose next token is labelled and greedy decoding
             only the last.
         """
-        c, (B, T) = self.config, input_ids.shape
+        c = self.config
+        h = self.embed(input_ids)
+        per_layer = self.attention_inputs(h, attention_mask, cache, source)
+        for layer, (cos, sin, mask, src) in zip(self.model.layers, per_layer):
+            if checkpoint and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, cache, src, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache, src)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        if logits_at is not None:
+            h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))  # (B, K, hidden)
+        h = self.model.norm(h)
+        logits = (self.lm_head(h) if self.lm_head is not None else h @ self.model.embed_tokens.weight.T).float()
+        if c.final_softcap:
+            logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
+        return logits
+
+    def layer_inputs(self, input_ids, attention_mask=None, kind="normed"):
+        """FLARE's source pass (flare.source_representations): each layer's input, (B, T, hidden) per layer, after
+        its input_layernorm ("normed", what its q_proj and v_proj see) or before ("residual", the residual stream
+        entering it). It runs the layers only up to the last one's input: not the last layer, the final norm or the
+        lm_head. attention_mask: as attention_inputs takes it."""
+        if kind not in ("normed", "residual"):
+            raise ValueError(f"unknown source representation {kind!r}; choose 'normed' or 'residual'")
+        h = self.embed(input_ids)
+        per_layer = self.attention_inputs(h, attention_mask)
+        reps = []
+        for i, (layer, (cos, sin, mask, _)) in enumerate(zip(self.model.layers, per_layer)):
+            reps.append(layer.input_layernorm(h) if kind == "normed" else h)
+            if i < self.config.num_layers - 1:  # the last layer's output: nothing here reads it
+                h = layer(h, cos, sin, mask)
+        return reps
+
+    def embed(self, input_ids):
+        """The residual stream entering the first layer, (B, T, hidden)."""
+        h = self.model.embed_tokens(input_ids)
+        if self.config.embed_scale:  # the constant rounded to the activation dtype
+            h = h * torch.tensor(self.config.hidden_size ** 0.5, dtype=h.dtype)
+        return h
+
+    def attention_inputs(self, h, attention_mask=None, cache=None, source=None):
+        """What each layer takes besides the hidden states h (B, T, hidden), built once for all layers: a list of
+        (cos, sin, mask, source) per layer, with the RoPE table and the mask of its kind (sliding or full). The
+        masks are boolean (B, 1, T, S), or flex_attention block masks where uses_flex.
+
+        attention_mask: (B, S) with 1 for real tokens and 0 for (left) padding; S = T, or with a cache, every
+            position so far including these T. Positions count real tokens only, as in transformers.
+        cache: the KVCache of the positions before these T (incremental decoding), or None.
+        source: FLARE's English representations, one (B, P, hidden) tensor per layer over the source prompt.
+            Target position i is fused with source position i, and positions past P with the last one (P - 1).
+            q_proj and v_proj receive (source rows for these positions, mask of the real target positions).
+        """
+        c, (B, T) = self.config, h.shape[:2]
         start = cache.length if cache is not None else 0
         if attention_mask is None:
-            attention_mask = torch.ones(B, start + T, dtype=torch.long, device=input_ids.device)
+            attention_mask = torch.ones(B, start + T, dtype=torch.long, device=h.device)
         real = attention_mask.bool()
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
-        h = self.model.embed_tokens(input_ids)
-        if c.embed_scale:
-            h = h * torch.tensor(c.hidden_size ** 0.5, dtype=h.dtype)  # the constant rounded to the activation dtype
         dtype = compute_dtype(h)
         full_rope = rope_table(pos, self.inv_freq, dtype)
         sliding_rope = rope_table(pos, self.sliding_inv_freq, dtype) if c.sliding_rope_theta else full_rope
@@ -410,28 +453,11 @@ class Transformer(nn.Module):
             window = visible(q_idx, k_idx, real[:, None, None, :], c.sliding_window)
         if source is not None:  # source rows of these positions; past the prompt only its last (flare.LoRA repeats it)
             rows = slice(min(start, source[0].shape[1] - 1), start + T)
-        reps = []
-        for i, layer in enumerate(self.model.layers):
-            if layer_inputs is not None:
-                reps.append(layer.input_layernorm(h) if layer_inputs == "normed" else h)
-            mask = window if i in c.sliding_layers else causal
-            cos, sin = sliding_rope if i in c.sliding_layers else full_rope
+        per_layer = []
+        for i in range(c.num_layers):
             src = None if source is None else (source[i][:, rows], real[:, start:])
-            if checkpoint and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, cache, src, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, mask, cache, src)
-        if cache is not None:
-            cache.length += T
-        if layer_inputs is not None:
-            return reps
-        if logits_at is not None:
-            h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))  # (B, K, hidden)
-        h = self.model.norm(h)
-        logits = (self.lm_head(h) if self.lm_head is not None else h @ self.model.embed_tokens.weight.T).float()
-        if c.final_softcap:
-            logits = torch.tanh(logits / c.final_softcap) * c.final_softcap
-        return logits
+            per_layer.append((*sliding_rope, window, src) if i in c.sliding_layers else (*full_rope, causal, src))
+        return per_layer
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, max_new_tokens, eos_id, source=None, use_cache=True,

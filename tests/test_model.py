@@ -218,6 +218,56 @@ def test_batched_greedy_generation_matches_transformers(tmp_path, family):
     assert (generated[1:] != eos).any()     # ...while the others went on
 
 
+# ------------------------------------------------------------------------------------------ the source pass
+
+@torch.no_grad()
+def hf_layer_inputs(hf, ids, kind):
+    """transformers' input of each decoder layer: with output_hidden_states, hidden_states[i] is the residual stream
+    entering layer i (the last of its num_layers + 1 is the final norm's output, which no layer takes); "normed":
+    what each layer's input_layernorm returns, caught by a hook."""
+    if kind == "residual":
+        return list(hf(input_ids=ids, output_hidden_states=True).hidden_states[:-1])
+    caught = []
+    handles = [layer.input_layernorm.register_forward_hook(lambda mod, args, out: caught.append(out))
+               for layer in hf.model.layers]
+    hf(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    return caught
+
+
+@pytest.mark.parametrize("kind", ["residual", "normed"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_source_pass_gives_each_layer_input_that_transformers_computes(tmp_path, family, kind):
+    hf = tiny_hf_model(family)
+    ours = model.load_model(save_tiny(hf, tmp_path), dtype=torch.float32)
+    ids = random_tokens(2, T)
+    with torch.no_grad():
+        got = ours.layer_inputs(ids, torch.ones_like(ids), kind)
+    expected = hf_layer_inputs(hf, ids, kind)
+    assert len(got) == len(expected) == ours.config.num_layers
+    for rep, h in zip(got, expected):
+        assert_matches_transformers(family, rep, h)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_source_pass_runs_no_layer_past_the_last_input_it_reads(tmp_path, family):
+    ours = model.load_model(save_tiny(tiny_hf_model(family), tmp_path), dtype=torch.float32)
+    calls = []
+    modules = {"norm": ours.model.norm, **{f"layer {i}": layer for i, layer in enumerate(ours.model.layers)}}
+    for name, module in modules.items():
+        module.register_forward_hook(lambda mod, args, out, name=name: calls.append(name))
+    with torch.no_grad():
+        ours.layer_inputs(random_tokens(2, T), kind="residual")
+    assert calls == [f"layer {i}" for i in range(ours.config.num_layers - 1)]
+
+
+def test_source_pass_rejects_an_unknown_representation(tmp_path):
+    ours = model.load_model(save_tiny(tiny_hf_model("llama"), tmp_path), dtype=torch.float32)
+    with pytest.raises(ValueError, match="'normed' or 'residual'"):
+        ours.layer_inputs(random_tokens(1, 4), kind="hidden")
+
+
 # ----------------------------------------------------------------------------------------------- tokenizer
 
 @pytest.fixture(scope="module")
