@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
 import data
@@ -381,6 +381,7 @@ def shard_per_layer(model):
     for layer in model.model.layers:
         fully_shard(layer, ignored_params={layer.input_layernorm.weight})
     fully_shard(model)
+    register_fsdp_forward_method(model, "layer_inputs")  # the source pass: the root's weights are gathered for it too
 
 
 # ------------------------------------------------------------------------------------------ forward per method
@@ -394,8 +395,10 @@ def batch_source(model, batch, method, args):
 
 def batch_forward(model, batch, method, args, logits_at=None):
     """Logits of one batch, the way `method` sees its input (see data.make_batch for the batch layout), at the
-    positions logits_at (B, K) asks for or at all."""
-    return model(batch.input_ids, batch.attention_mask, source=batch_source(model, batch, method, args),
+    positions logits_at (B, K) asks for or at all. model may be under DDP (data_parallel): the source pass, which
+    has no gradient, runs on the model inside."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    return model(batch.input_ids, batch.attention_mask, source=batch_source(inner, batch, method, args),
                  checkpoint=args.checkpointing and torch.is_grad_enabled(), logits_at=logits_at)
 
 
