@@ -41,6 +41,10 @@ from model import Config, Transformer, load_tokenizer
 
 PRETRAIN_STEPS = 400  # the tiny model's pretraining, in batches of 64 reviews (pretrain_tiny)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two languages: words, lexicon, reviews, and from them the task's pairs and the pretraining corpus
+
 SYNTH_WORDS = {
     "det": "the this my our their", "pron": "i we they she he", "cop": "is was", "conj": "and but then",
     "adv": "very really quite so rather truly",
@@ -184,6 +188,9 @@ def synth_corpus(n: int = 20000, *, target_share: float = 0.05, labelled_share: 
     return lines
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The tiny model: its tokenizer, and its pretraining from scratch
+
 def synth_vocab() -> list[str]:
     """Special tokens, then the English words (with the cue and label words), then the syn-only tokens."""
     english = sorted({w for words in W.values() for w in words} | {"not", "."}) + ["Sentiment:", "negative", "positive"]
@@ -248,7 +255,7 @@ def pretrain_tiny(folder: str, seed: int, device: torch.device, autocast=context
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if (step + 1) % 50 == 0 or step + 1 == steps:
+        if (step + 1) % 100 == 0 or step + 1 == steps:
             print(f"pretrain tiny {step + 1}/{steps} loss {loss.item():.4f}", file=sys.stderr, flush=True)
     # The weights last, atomically: a model.safetensors in folder means a complete model (the check on top).
     write_json(hf_config, os.path.join(folder, "config.json"))
