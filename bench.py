@@ -47,6 +47,7 @@ from torch.utils.flop_counter import flop_registry
 import data
 import flare
 import model as flare_model
+import synth
 import train
 
 # The small random Llama of the training and generation benchmarks (hidden 512, 4 layers, vocab 32k).
@@ -529,7 +530,7 @@ def eval_items(n, words=100):
     """n classification items of about `words` words (an XNLI prompt's length): synthetic reviews strung
     together, three label words as XNLI has (the synthetic tokenizer maps the third to <unk>: the timing is the
     same)."""
-    reviews = data.synth_pairs("syn", "test", n=n * 12)
+    reviews = synth.synth_pairs("syn", "test", n=n * 12)
     pairs = []
     for i in range(n):
         text = " ".join(p.target["text"] for p in reviews[i * 12:(i + 1) * 12]).split()[:words]
@@ -543,7 +544,7 @@ def evaluation(ours, hf, s, device, repeats):
     does), theirs the transformers + peft model scoring each label with its own full forward over prompt + label,
     as lm-eval-harness does."""
     with tempfile.TemporaryDirectory() as folder:
-        data.write_synth_tokenizer(folder)
+        synth.write_synth_tokenizer(folder)
         tok = flare_model.load_tokenizer(folder)
     task, pairs = eval_items(s["eval_items"])
     args = train.parse_args(["--model", "tiny", "--batch-size", str(s["batch"]),

@@ -2,7 +2,7 @@
 
 A task turns (language, split) into Pairs: an item in the target language, the same item in English, and its gold
 answer. XNLI and NusaX are parallel by construction; TyDiQA is not and takes its English side from a translations
-file; "synth" is an artificial language pair built here, with no download.
+file; "synth" is the CPU demo's artificial language pair, generated in synth.py with no download.
 
 Files come from the dataset repos below at a pinned revision (`_download`, the one function the tests replace): from a
 local copy with data_dir (DIR/<owner>/<repo>/<file>, as `hf download <repo> --repo-type dataset --revision <revision>
@@ -40,7 +40,6 @@ import pyarrow.parquet as pq
 import torch
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import LocalEntryNotFoundError
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from model import MissingFile, UsageError
 
@@ -71,6 +70,7 @@ TASKS = {
                   ("negative", "neutral", "positive"), "{text}\nSentiment: ", "text", 128, "macro_f1"),
     "tydiqa": Task("tydiqa", tuple("ar bn fi id ko ru sw te".split()), None,
                    "Context: {context}\nQuestion: {question}\nAnswer: ", "context", 512, "exact_match"),
+    # The CPU demo's task (README, "The CPU demo"): a task like the others here, its pairs generated in synth.py.
     "synth": Task("synth", ("syn",), ("negative", "positive"), "{text}\nSentiment: ", "text", 128, "accuracy"),
 }
 SPLITS = ("train", "validation", "test")
@@ -168,7 +168,8 @@ def _tydiqa(lang: str, split: str, cache_dir: str | None, data_dir: str | None) 
 READERS = {"xnli": _xnli, "nusax": _nusax, "tydiqa": _tydiqa}
 
 
-def _check(task: str, lang: str, split: str) -> Task:
+def check_task(task: str, lang: str, split: str) -> Task:
+    """The task's Task, once task, language and split are known to exist (an error lists the valid ones)."""
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}: use one of {', '.join(TASKS)}.")
     languages = ("en",) + TASKS[task].languages
@@ -196,14 +197,15 @@ def load_pairs(task: str, lang: str, split: str, *, limit: int | None = None, se
                translations: str | None = None, cache_dir: str | None = None,
                data_dir: str | None = None) -> list[Pair]:
     """Items of (task, lang, split), each with its English counterpart; lang "en" gives English pairs (target ==
-    source). limit with seed takes a random subset; for "synth" they pick the generated items. TyDiQA needs
-    `translations` and drops the items whose answer was lost in translation (so it may return fewer than limit).
-    data_dir: a local copy of the dataset repos (see _download), else the Hub cache (cache_dir or the default)."""
-    spec = _check(task, lang, split)
+    source). limit with seed takes a random subset. TyDiQA needs `translations` and drops the items whose answer
+    was lost in translation (so it may return fewer than limit). data_dir: a local copy of the dataset repos (see
+    _download), else the Hub cache (cache_dir or the default). "synth" has no files: synth.synth_pairs makes it."""
+    spec = check_task(task, lang, split)
     if translations is not None and task != "tydiqa":
         raise UsageError(f"{task} is parallel by construction; translations is for tydiqa only: leave it out.")
-    if task == "synth":
-        return synth_pairs(lang, split, n=limit, seed=seed)
+    if task not in READERS:
+        raise UsageError(f"{task} is generated, not read from files: take its pairs from "
+                         f"synth.synth_pairs({lang!r}, {split!r}, n=..., seed=...).")
     items = _items(task, lang, split, limit, seed, cache_dir, data_dir)
     fields = lambda item: {k: item[k] for k in spec.fields}
     if lang == "en":
@@ -292,7 +294,7 @@ def translate_tydiqa(lang: str, split: str, generate, path: str, *, limit: int |
     the context and read back from the quotes after. Returns how many of the items lost their answer.
     write=False only reads path and translates what it lacks: the other processes of a torchrun job, which each
     translate a share of every batch (generate gathers them) while rank 0 writes."""
-    _check("tydiqa", lang, split)
+    check_task("tydiqa", lang, split)
     items = _items("tydiqa", lang, split, limit, seed, cache_dir, data_dir)
     if write:
         _drop_unfinished_line(path)
@@ -323,189 +325,6 @@ def translate_tydiqa(lang: str, split: str, generate, path: str, *, limit: int |
             with open(path, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     return sum(not _answer_kept(done[it["id"]]) for it in items)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The synthetic task
-#
-# "English" is a small grammar over the words below. A review has one to three clauses joined by and/but/then and
-# ends in ".". Exactly one clause is polar: "DET NOUN COP [not] [ADV] ADJ" with a good or bad adjective; the others
-# are neutral: the same shape with a plain adjective, or "PRON VERB DET NOUN [TIME]". The label is "positive" when
-# the polar adjective is good, flipped by "not". The target language "syn" is derived from it:
-#   - a bijective word substitution into made-up words (consonant-vowel syllables, fixed, not seeded), disjoint from
-#     the English words except eight loanwords (ANCHORS) and "." that both languages share;
-#   - about a third of the nouns, verbs and adjectives are two tokens, a stem and a suffix (-na -ri -ko -tu);
-#   - other word orders: the determiner follows the noun, the copula clause is "NOUN DET wa [ADV] ADJ [not] COP"
-#     (negation after the adjective, verb-final), the event clause "PRON wa NOUN DET o [TIME] VERB", and every review
-#     ends in "de .": particles wa (topic), o (object) and de (final) have no English counterpart.
-# So a syn review is longer than its English original and only roughly position-aligned with it.
-# Translation is imperfect, as real MT is: with probability `noise` per copula clause the translation drops a "not"
-# or swaps the adjective for a random one. The translated side is the target in train (like XNLI's machine-translated
-# train, labelled by the English original) and the English source in validation and test (the "MT" of target text).
-# Items are split by a hash of their English text (0 mod 10 test, 1 validation, else train), so splits never share a
-# review and the first n items of a split for a seed do not depend on the other splits' sizes.
-
-SYNTH_WORDS = {
-    "det": "the this my our their", "pron": "i we they she he", "cop": "is was", "conj": "and but then",
-    "adv": "very really quite so rather truly",
-    "time": "today yesterday again twice recently tonight once early late finally",
-    "good": "good great excellent tasty friendly clean lovely perfect amazing wonderful pleasant helpful fresh "
-            "comfortable delicious nice superb brilliant charming fantastic cozy beautiful polite reliable fast "
-            "enjoyable impressive warm generous fun",
-    "bad": "bad awful terrible dirty rude horrible boring noisy slow broken poor stale bland greasy smelly unhelpful "
-           "disappointing overpriced uncomfortable cramped dull nasty unreliable careless messy weak mediocre useless "
-           "annoying disgusting",
-    "plain": "big small new old red blue green white black long short round tall wooden plastic local modern square "
-             "yellow brown heavy wide narrow open simple metal tiny large dark grey",
-    "noun": "food soup room staff service waiter bed view pool coffee tea bread cake rice chicken fish salad noodles "
-            "beer wine phone screen battery camera laptop app keyboard charger movie book story ending actor song "
-            "album show game hotel pizza taxi radio menu cafe wifi bus train flight seat driver guide tour beach park "
-            "museum shop market price bill shower kitchen garden lobby bathroom window door car bike shoes jacket bag "
-            "watch lamp chair table sofa printer speaker course teacher",
-    "verb": "visited ordered bought tried used found watched read booked saw rented cooked shared took checked opened "
-            "returned picked paid carried cleaned fixed tested borrowed sold painted packed delivered chose washed "
-            "heard played reviewed wanted needed mentioned noticed moved called ate",
-}
-W = {kind: words.split() for kind, words in SYNTH_WORDS.items()}
-ANCHORS = ("hotel", "pizza", "taxi", "radio", "menu", "cafe", "wifi", "bus")
-PARTICLES = ("wa", "o", "de")
-SUFFIXES = ("-na", "-ri", "-ko", "-tu")
-SYNTH_SIZES = {"train": 2000, "validation": 500, "test": 1000}
-
-
-def _make_lexicon() -> dict[str, str]:
-    rng = random.Random("flare-synth-lexicon")  # the language is fixed; seeds only pick the items
-    english = sorted({w for words in W.values() for w in words} | {"not"})
-    content = set(W["noun"] + W["verb"] + W["good"] + W["bad"] + W["plain"])
-    taken, lexicon = set(english), {".": "."}
-    for w in english:
-        if w in ANCHORS:
-            lexicon[w] = w
-            continue
-        word = w
-        while word in taken:
-            word = "".join(rng.choice("ptkmnslrbdg") + rng.choice("aeiou") for _ in range(rng.choice((2, 3))))
-        taken.add(word)
-        lexicon[w] = f"{word} {rng.choice(SUFFIXES)}" if w in content and rng.random() < 0.35 else word
-    return lexicon
-
-
-LEXICON = _make_lexicon()
-
-
-def _review(rng: random.Random) -> tuple[list[dict], list[str]]:
-    n = rng.randint(1, 3)
-    polar_at = rng.randrange(n)
-    clauses = []
-    for i in range(n):
-        if i == polar_at or rng.random() < 0.5:
-            adjectives = W["good"] + W["bad"] if i == polar_at else W["plain"]
-            clauses.append({"det": rng.choice(W["det"]), "noun": rng.choice(W["noun"]), "cop": rng.choice(W["cop"]),
-                            "neg": rng.random() < 0.3, "adv": rng.choice(W["adv"]) if rng.random() < 0.4 else "",
-                            "adj": rng.choice(adjectives)})
-        else:
-            clauses.append({"pron": rng.choice(W["pron"]), "verb": rng.choice(W["verb"]), "det": rng.choice(W["det"]),
-                            "noun": rng.choice(W["noun"]), "time": rng.choice(W["time"]) if rng.random() < 0.3 else ""})
-    return clauses, [rng.choice(W["conj"]) for _ in range(n - 1)]
-
-
-def _render(clauses: list[dict], conjs: list[str], lang: str) -> str:
-    words = []
-    for i, c in enumerate(clauses):
-        if i:
-            words.append(conjs[i - 1])
-        neg = "not" if c.get("neg") else ""
-        if "adj" in c and lang == "en":
-            words += [c["det"], c["noun"], c["cop"], neg, c["adv"], c["adj"]]
-        elif "adj" in c:
-            words += [c["noun"], c["det"], "wa", c["adv"], c["adj"], neg, c["cop"]]
-        elif lang == "en":
-            words += [c["pron"], c["verb"], c["det"], c["noun"], c["time"]]
-        else:
-            words += [c["pron"], "wa", c["noun"], c["det"], "o", c["time"], c["verb"]]
-    words = [w for w in words if w] + ([] if lang == "en" else ["de"]) + ["."]
-    return " ".join(words if lang == "en" else [LEXICON.get(w, w) for w in words])
-
-
-def _mistranslate(clauses: list[dict], rng: random.Random, noise: float) -> list[dict]:
-    out = []
-    for c in clauses:
-        if "adj" in c and rng.random() < noise:
-            c = {**c, "neg": False} if c["neg"] and rng.random() < 0.5 else \
-                {**c, "adj": rng.choice(W["good"] + W["bad"] + W["plain"])}
-        out.append(c)
-    return out
-
-
-def _synth_split(english: str) -> str:
-    bucket = zlib.crc32(english.encode()) % 10
-    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
-
-
-def synth_pairs(lang: str, split: str, *, n: int | None = None, seed: int = 100, noise: float = 0.05) -> list[Pair]:
-    """The first n items (default SYNTH_SIZES[split]) of a synthetic split for a seed; lang "syn" or "en"."""
-    _check("synth", lang, split)
-    rng, pairs = random.Random(f"flare-synth/{seed}"), []
-    while len(pairs) < (n or SYNTH_SIZES[split]):
-        clauses, conjs = _review(rng)
-        translated = _mistranslate(clauses, rng, noise)  # drawn for "en" too, so both languages see the same items
-        english = _render(clauses, conjs, "en")
-        if _synth_split(english) != split:
-            continue
-        answer = _sentiment(clauses)
-        if lang == "en":
-            target, source = english, english
-        elif split == "train":
-            target, source = _render(translated, conjs, "syn"), english
-        else:
-            target, source = _render(clauses, conjs, "syn"), _render(translated, conjs, "en")
-        pairs.append(Pair(f"synth-{split}-{len(pairs)}", {"text": target}, {"text": source}, answer))
-    return pairs
-
-
-def _sentiment(clauses: list[dict]) -> str:
-    polar = next(c for c in clauses if c.get("adj") in W["good"] + W["bad"])
-    return "positive" if (polar["adj"] in W["good"]) != polar["neg"] else "negative"
-
-
-def synth_corpus(n: int = 20000, *, target_share: float = 0.05, labelled_share: float = 0.5,
-                 seed: int = 100) -> list[str]:
-    """Pretraining text: n reviews from the train bucket only, a `target_share` of them in syn, the rest English;
-    a `labelled_share` of the English ones carry their label in the task's format ("...\nSentiment: positive"), as
-    web text does for a real model: without it the label words are never seen, and their output embeddings stay at
-    their random initialisation, which a LoRA adapter over a frozen lm_head cannot use."""
-    rng, lines = random.Random(f"flare-synth-corpus/{seed}"), []
-    while len(lines) < n:
-        clauses, conjs = _review(rng)
-        if _synth_split(_render(clauses, conjs, "en")) != "train":
-            continue
-        if rng.random() < target_share:
-            lines.append(_render(clauses, conjs, "syn"))
-        elif rng.random() < labelled_share:
-            lines.append(TASKS["synth"].render({"text": _render(clauses, conjs, "en")}) + _sentiment(clauses))
-        else:
-            lines.append(_render(clauses, conjs, "en"))
-    return lines
-
-
-def synth_vocab() -> list[str]:
-    """Special tokens, then the English words (with the cue and label words), then the syn-only tokens."""
-    english = sorted({w for words in W.values() for w in words} | {"not", "."}) + ["Sentiment:", "negative", "positive"]
-    syn = sorted(({t for w in LEXICON.values() for t in w.split()} | set(PARTICLES)) - set(english))
-    return ["<pad>", "<bos>", "<eos>", "<unk>"] + english + syn
-
-
-def write_synth_tokenizer(folder: str) -> None:
-    """Save a word-level tokenizer.json and tokenizer_config.json, so the synthetic model loads like a Hub model."""
-    vocab = {w: i for i, w in enumerate(synth_vocab())}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    tokenizer.add_special_tokens(["<pad>", "<bos>", "<eos>", "<unk>"])
-    os.makedirs(folder, exist_ok=True)
-    tokenizer.save(os.path.join(folder, "tokenizer.json"))
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}, f)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -32,20 +32,18 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
 import data
 import flare
+import synth
 from flare import atomic_write, write_json
-from model import (Config, KVCache, MissingFile, Transformer, UsageError, compute_dtype, load_model, load_tokenizer,
-                   read_json)
+from model import KVCache, MissingFile, UsageError, compute_dtype, load_model, load_tokenizer, read_json
 
 METHODS = ("flare", "lora", "input-fusion", "translate-test", "zero-shot")
 EVAL_ONLY = ("translate-test", "zero-shot")  # the stage-1 model as it is: no target training, no target train split
 MAX_NEW_TOKENS = 32  # QA answers are short spans
-PRETRAIN_STEPS = 400  # the tiny demo model's pretraining (pretrain_tiny)
 DEFAULTS = {"methods": "flare", "lr": "2e-4", "stage1_lr": 2e-4, "epochs": 3}  # --eval-every: a tenth of each run
 # The CPU demo: 256 target examples; each method at its best rate on validation out of two, the two fixed in advance
 # by the sweep in the README (--lr 2.5e-3,5e-3,1e-2 over three seeds).
@@ -664,57 +662,6 @@ def run_method(model, tok, task, splits, method, args, device):
     return {**best, "runs": runs} if len(runs) > 1 else best
 
 
-# ------------------------------------------------------------------------------------------ the tiny demo model
-
-def pretrain_tiny(folder, args, device):
-    """A 4-layer Llama-architecture model, pretrained from scratch on the synthetic corpus (mostly English, a
-    little target language) and saved like a Hub checkpoint, so it loads through load_model like a real one."""
-    if os.path.exists(os.path.join(folder, "model.safetensors")):
-        return
-    os.makedirs(folder, exist_ok=True)
-    data.write_synth_tokenizer(folder)
-    tok = load_tokenizer(folder)
-    hf_config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": tok.tok.get_vocab_size(),
-                 "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-                 "max_position_embeddings": 256, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-                 "torch_dtype": "float32"}
-    torch.manual_seed(args.seed)
-    model = Transformer(Config.from_hf(hf_config)).to(device)
-    for name, p in model.named_parameters():
-        if "norm" not in name:
-            torch.nn.init.normal_(p, std=0.02)
-    corpus = data.synth_corpus(seed=args.seed)
-    ids = [tok.encode(s) + [tok.eos_id] for s in corpus]
-    # Weight decay matters here: without it the tiny model grows outsized activations that leave it near chance
-    # on the English task and slow every LoRA on top (measured: English accuracy 46% without, 89% with).
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-    steps, batch = PRETRAIN_STEPS, 64
-    progress = Progress(steps, "pretrain tiny")
-    gen = torch.Generator().manual_seed(args.seed)
-    for step in range(steps):
-        rows = [ids[i] for i in torch.randint(len(ids), (batch,), generator=gen).tolist()]
-        width = max(map(len, rows))
-        x = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows], device=device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-        labels = x.masked_fill(mask == 0, -100)
-        for g in opt.param_groups:
-            g["lr"] = 3e-3 * min(1.0, (step + 1) / 50) * (1 - step / steps)
-        start = time.time()
-        with autocast(device, args):
-            loss = lm_loss(model(x, mask)[:, :-1], labels[:, 1:])  # every token is labelled: all logits are read
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        progress.update(step + 1, loss.item(), opt.param_groups[0]["lr"], int(mask.sum()) / (time.time() - start))
-    progress.close()
-    # The weights last, atomically: a model.safetensors in folder means a complete model (the check on top).
-    write_json(hf_config, os.path.join(folder, "config.json"))
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "inv_freq"}
-    atomic_write(os.path.join(folder, "model.safetensors"), lambda tmp: save_file(state, tmp))
-
-
 # ------------------------------------------------------------------------------------------ the pipeline
 
 def main(argv=None):
@@ -724,7 +671,7 @@ def main(argv=None):
     on_rank0(prepare_out, args)
     if args.model == "tiny":
         model_path = os.path.join(args.out, "tiny-model")
-        on_rank0(pretrain_tiny, model_path, args, device)
+        on_rank0(synth.pretrain_tiny, model_path, args.seed, device, autocast(device, args))
     else:
         model_path = args.model
     task = dataclasses.replace(data.TASKS[args.task], max_length=args.max_length)
@@ -745,8 +692,12 @@ def main(argv=None):
                  f"and are left out")
         if world()[0] > 1:
             dist.barrier()  # every process reads the translations below, once rank 0 has written them all
-    load = lambda lang, split, limit: data.load_pairs(args.task, lang, split, limit=limit, seed=args.seed,
-                                                      translations=args.translations, data_dir=args.data_dir)
+
+    def load(lang, split, limit):  # the demo's task is generated (synth.py), the real ones are read from files
+        if args.task == "synth":
+            return synth.synth_pairs(lang, split, n=limit, seed=args.seed)
+        return data.load_pairs(args.task, lang, split, limit=limit, seed=args.seed, translations=args.translations,
+                               data_dir=args.data_dir)
     target = {s: load(args.lang, s, args.max_train if s == "train" else args.max_eval) for s in splits}
 
     # Stage 1: the English task adapter, frozen and always on from here.

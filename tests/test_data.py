@@ -1,4 +1,5 @@
-"""data.py: pairs from each dataset's real file format, prompts, batches, the synthetic task, metrics and errors.
+"""data.py: pairs from each dataset's real file format, prompts, batches, metrics and errors (the synthetic task:
+test_synth.py).
 
 Fixtures in tests/fixtures/ have the Hub's file layout and format (tests/fixtures/make_fixtures.py wrote them); only
 data._download is replaced, so everything after the download runs as it does on real files.
@@ -178,87 +179,6 @@ def test_answer_logprob_sums_the_log_likelihood_of_the_labelled_tokens():
 
 def test_pick_label_takes_the_highest_log_likelihood():
     assert data.pick_label({"entailment": -3.2, "neutral": -1.5, "contradiction": -7.0}) == "neutral"
-
-
-# ---- the synthetic task ----
-
-def test_synth_is_deterministic_for_a_seed_and_differs_across_seeds():
-    assert data.load_pairs("synth", "syn", "train", limit=50, seed=3) == data.synth_pairs("syn", "train", n=50, seed=3)
-    assert data.synth_pairs("syn", "train", n=50, seed=3) != data.synth_pairs("syn", "train", n=50, seed=4)
-    assert data.synth_corpus(200, seed=3) == data.synth_corpus(200, seed=3)
-    assert data.synth_pairs("syn", "test", n=20, seed=3) == data.synth_pairs("syn", "test", seed=3)[:20]
-
-
-def test_synth_english_and_target_pairs_are_the_same_items_and_splits_are_disjoint():
-    english, target = data.synth_pairs("en", "train", n=300), data.synth_pairs("syn", "train", n=300)
-    assert [p.answer for p in english] == [p.answer for p in target]
-    assert [p.source for p in english] == [p.source for p in target]  # train: the English original is exact
-    tests = {p.target["text"] for p in data.synth_pairs("en", "test")}
-    assert not tests & {p.target["text"] for p in data.synth_pairs("en", "train")}
-
-
-def test_synth_translation_is_imperfect_but_mostly_right():
-    exact = data.synth_pairs("en", "test")
-    mt = data.synth_pairs("syn", "test")
-    wrong = sum(e.source != m.source for e, m in zip(exact, mt)) / len(exact)
-    assert 0.01 < wrong < 0.15
-
-
-def test_synth_label_follows_the_polar_adjective_and_negation():
-    texts = {p.target["text"]: p.answer for p in data.synth_pairs("en", "train", n=2000)}
-    for text, answer in texts.items():
-        words = text.split()
-        polar = [i for i, w in enumerate(words) if w in data.W["good"] + data.W["bad"]]
-        assert len(polar) == 1
-        negated = words[polar[0] - 1] == "not" or words[polar[0] - 2] == "not"
-        assert answer == ("positive" if (words[polar[0]] in data.W["good"]) != negated else "negative")
-
-
-def test_synth_languages_share_only_the_anchor_words():
-    target = data.synth_pairs("syn", "test")
-    english_words = {w for p in data.synth_pairs("en", "test") for w in p.target["text"].split()}
-    target_words = {w for p in target for w in p.target["text"].split()}
-    assert english_words & target_words <= set(data.ANCHORS) | {"."}
-    assert sum(len(p.target["text"].split()) for p in target) > 1.3 * sum(len(p.source["text"].split()) for p in target)
-
-
-def test_synth_corpus_is_mostly_english_with_some_labelled_reviews():
-    corpus = data.synth_corpus(4000, target_share=0.05, labelled_share=0.1, seed=0)
-    english_words = {w for words in data.W.values() for w in words} | {"not", ".", "Sentiment:", "positive", "negative"}
-    share = sum(not set(line.split()) <= english_words for line in corpus) / len(corpus)
-    assert 0.03 < share < 0.07
-    labelled = [line for line in corpus if "\nSentiment: " in line]
-    assert 0.07 < len(labelled) / len(corpus) < 0.12
-    assert all(line.endswith(("positive", "negative")) for line in labelled)
-
-
-def test_synth_tokenizer_loads_like_a_hub_tokenizer_and_knows_every_word(tmp_path):
-    from tokenizers import Tokenizer
-    data.write_synth_tokenizer(str(tmp_path))
-    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == \
-        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
-    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    assert [tok.token_to_id(t) for t in ("<pad>", "<bos>", "<eos>", "<unk>")] == [0, 1, 2, 3]
-    assert tok.encode("good .").ids[0] == 1 and tok.encode("good .").ids.count(1) == 1  # <bos> once
-    assert tok.get_vocab_size() < 600
-    task, unk = data.TASKS["synth"], tok.token_to_id("<unk>")
-    pairs = data.synth_pairs("syn", "test") + data.synth_pairs("syn", "train", n=500)
-    for p in pairs:
-        for fields in (p.target, p.source):
-            ids = tok.encode(task.render(fields) + p.answer).ids
-            assert unk not in ids and len(ids) + 1 < 40  # + EOS
-
-
-def test_synth_batches_with_the_model_tokenizer_stay_short(tmp_path):
-    import model
-    data.write_synth_tokenizer(str(tmp_path))
-    tok = model.load_tokenizer(str(tmp_path))
-    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
-    pairs = data.synth_pairs("syn", "test", n=64)
-    batch = data.make_batch(pairs, tok, data.TASKS["synth"])
-    assert batch.input_ids.shape[1] < 40 and batch.source_ids.shape == (64, batch.prompt_len)
-    assert tok.decode(batch.source_ids[0].tolist()) == pairs[0].source["text"] + " Sentiment:"
-    assert tok.decode(batch.labels[0][batch.labels[0] != -100].tolist()) == pairs[0].answer
 
 
 # ---- metrics ----

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import data
 import flare
 import model
+import synth
 import train
 from test_train import SMALL, count_calls, read_log, run, same_logs, tiny_model, untimed  # noqa: F401 (a fixture)
 
@@ -294,15 +295,15 @@ def test_a_crash_while_saving_the_tiny_model_leaves_no_half_file_for_the_next_ru
         real(tensors, path, *args, **kwargs)
         cut(pathlib.Path(path))
         raise OSError("No space left on device")
-    monkeypatch.setattr(train, "PRETRAIN_STEPS", 1)
-    monkeypatch.setattr(train, "save_file", dies_half_way)  # train imports it at the top
-    folder, args = tmp_path / "tiny-model", train.parse_args(["--model", "tiny"])
+    monkeypatch.setattr(synth, "PRETRAIN_STEPS", 1)
+    monkeypatch.setattr(synth, "save_file", dies_half_way)  # synth imports it at the top
+    folder = tmp_path / "tiny-model"
     with pytest.raises(OSError, match="No space left"):
-        train.pretrain_tiny(str(folder), args, torch.device("cpu"))
+        synth.pretrain_tiny(str(folder), 100, torch.device("cpu"))
     assert not (folder / "model.safetensors").exists()  # so the next run pretrains instead of skipping
 
-    monkeypatch.setattr(train, "save_file", real)
-    train.pretrain_tiny(str(folder), args, torch.device("cpu"))
+    monkeypatch.setattr(synth, "save_file", real)
+    synth.pretrain_tiny(str(folder), 100, torch.device("cpu"))
     assert isinstance(model.load_model(str(folder), dtype=torch.float32), model.Transformer)
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import flare
+import synth
 import train
 
 # 16 target and 32 English examples in batches of 8, one epoch: stage 1 is 4 steps, each trained method 2.
@@ -29,8 +30,8 @@ def tiny_model(tmp_path_factory):
     """Folder of the tiny synth model, pretrained for 5 steps."""
     folder = str(tmp_path_factory.mktemp("pretrained") / "tiny-model")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "PRETRAIN_STEPS", 5)
-        train.pretrain_tiny(folder, train.parse_args(["--model", "tiny"]), torch.device("cpu"))
+        mp.setattr(synth, "PRETRAIN_STEPS", 5)
+        synth.pretrain_tiny(folder, 100, torch.device("cpu"))
     return folder
 
 

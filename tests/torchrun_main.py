@@ -9,10 +9,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from torch.distributed.tensor import DTensor  # noqa: E402
 
+import synth  # noqa: E402
 import train  # noqa: E402
 
 RANK = os.environ.get("RANK", "0")
-real_step_batches, real_pretrain, real_load = train.step_batches, train.pretrain_tiny, train.load_model
+real_step_batches, real_pretrain, real_load = train.step_batches, synth.pretrain_tiny, train.load_model
 steps = []
 
 
@@ -35,6 +36,6 @@ def load_model(*args, **kwargs):
     return model
 
 
-train.step_batches, train.pretrain_tiny, train.load_model = step_batches, pretrain_tiny, load_model
-train.PRETRAIN_STEPS = int(os.environ.get("FLARE_TEST_PRETRAIN_STEPS", train.PRETRAIN_STEPS))
+train.step_batches, synth.pretrain_tiny, train.load_model = step_batches, pretrain_tiny, load_model
+synth.PRETRAIN_STEPS = int(os.environ.get("FLARE_TEST_PRETRAIN_STEPS", synth.PRETRAIN_STEPS))
 train.cli()
