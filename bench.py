@@ -524,6 +524,45 @@ def cost_model(runs, depth_check=True):
     return {"rows": rows, "depth_check": check}
 
 
+FSDP_RUNS, FSDP_GPUS = [("llama3.1-70b", "xnli")], 8  # the model that fits no one GPU, on one node of 8
+
+
+def fsdp_per_gpu(name, task, method, checkpointing, gpus=FSDP_GPUS):
+    """Peak bytes per GPU of a `torchrun --nproc_per_node gpus train.py --fsdp` step, by the cost model's
+    arithmetic: each process holds 1/gpus of each decoder layer's base weights (the input norms whole), the root's
+    (embeddings, final norm, lm_head: FSDP2 keeps them gathered through the step) and two decoder layers gathered
+    (the one running and the one fetched ahead) whole, the adapters whole (DDP: both adapters, and the trained
+    one's AdamW moments), and what the step allocates at its share of the global batch (estimate_by_depth)."""
+    config = real_config(name)
+    m = adapted_model(config, method, "meta", torch.bfloat16)
+    nbytes = lambda params: sum(p.nbytes for p in params)
+    adapters = {id(p) for a in ("task", "transfer") for p in flare.adapter_parameters(m, a)}
+    base = lambda module: [p for p in module.parameters() if id(p) not in adapters]
+    layer, root = nbytes(base(m.model.layers[0])), nbytes(base(m)) - nbytes(base(m.model.layers))
+    norms = nbytes(block.input_layernorm.weight for block in m.model.layers)
+    trained = nbytes(flare.adapter_parameters(m, "transfer"))
+    adapter_bytes = nbytes(p for p in m.parameters() if id(p) in adapters) + 2 * trained
+    step = estimate_by_depth(config, method, task, checkpointing, batch=TASK_SHAPES[task][0] // gpus)
+    sharded = nbytes(base(m.model.layers)) - norms
+    peak = sharded / gpus + norms + root + 2 * layer * (gpus - 1) / gpus + adapter_bytes + step["step_peak_bytes"]
+    return {"model": name, "task": task, "method": method, "checkpointing": checkpointing, "gpus": gpus,
+            "batch_per_gpu": step["batch"], "peak_gb": peak / 1e9, "base_shard_gb": sharded / gpus / 1e9,
+            "gathered_gb": (root + 2 * layer * (gpus - 1) / gpus) / 1e9, "adapters_gb": adapter_bytes / 1e9,
+            "step_gb": step["step_peak_bytes"] / 1e9, "fits_gb": [g for g in GPU_MEMORY_GB if peak <= g * 1e9]}
+
+
+def fsdp_table(rows):
+    lines = ["| model | task | GPUs | batch per GPU | method | --checkpointing | base shard | gathered | adapters | "
+             "step | peak per GPU (GB) | fits in |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        lines.append(f"| {x['model']} | {x['task']} | {x['gpus']} | {x['batch_per_gpu'][0]} x "
+                     f"{x['batch_per_gpu'][1]} | {x['method']} | {'yes' if x['checkpointing'] else 'no'} | "
+                     + " | ".join(f"{x[k]:.1f}" for k in ("base_shard_gb", "gathered_gb", "adapters_gb", "step_gb",
+                                                          "peak_gb"))
+                     + f" | {', '.join(f'{g} GB' for g in x['fits_gb']) or 'none of 24/48/80 GB'} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 
 def eval_items(n, words=100):
@@ -870,6 +909,8 @@ def main():
     print("cost model (fake tensors):", file=sys.stderr)
     check = cost_check(QUICK if args.quick else SIZES)
     costs = cost_model(COST_QUICK if args.quick else COST_RUNS, depth_check=not args.quick)
+    costs["fsdp"] = [fsdp_per_gpu(name, task, method, ckpt) for name, task in ([] if args.quick else FSDP_RUNS)
+                     for method in COST_METHODS for ckpt in (False, True)]
     cuda = cuda_real_shapes(device, max(3, repeats // 4), costs["rows"]) if device.type == "cuda" else None
 
     t = training
@@ -907,6 +948,8 @@ def main():
           f"batch {s['batch']} x {s['seq']}; medians of {repeats}; load average {m['load_average']}\n")
     print(table(r))
     print("\n" + cost_table(r))
+    if costs["fsdp"]:
+        print("\n" + fsdp_table(costs["fsdp"]))
     if cuda:
         print("\n" + cuda_table(cuda))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
