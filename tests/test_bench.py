@@ -111,3 +111,14 @@ def test_real_configs_are_read_as_the_models_they_name():
     c270 = bench.real_config("gemma3-270m")
     assert c270.sliding_layers == tuple(i for i in range(18) if (i + 1) % 6) and c270.attn_softcap is None
     assert c270.qk_norm and c270.sliding_rope_theta == 10_000.0
+
+
+def test_fsdp_on_one_gpu_is_the_one_gpu_estimate_and_on_eight_holds_an_eighth_of_the_layers():
+    one = bench.fsdp_per_gpu("gemma3-270m", "nusax", "flare", True, gpus=1)
+    whole = bench.estimate_by_depth(bench.real_config("gemma3-270m"), "flare", "nusax", True)
+    rope = sum(b.numel() * 4 for b in bench.adapted_model(bench.real_config("gemma3-270m"), "flare", "meta",
+                                                           torch.bfloat16).buffers())  # fp32 RoPE tables
+    assert one["peak_gb"] * 1e9 == pytest.approx(whole["peak_bytes"] - rope, rel=1e-6)  # which FSDP leaves out
+    eight = bench.fsdp_per_gpu("gemma3-270m", "nusax", "flare", True, gpus=8)
+    assert eight["base_shard_gb"] == pytest.approx(one["base_shard_gb"] / 8)
+    assert eight["batch_per_gpu"][0] == one["batch_per_gpu"][0] // 8 and eight["step_gb"] < one["step_gb"]
