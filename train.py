@@ -509,38 +509,26 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
         for stale in (log_path, ckpt_path):
             if os.path.exists(stale) and world()[1] == 0:
                 os.remove(stale)
-    save = lambda: save_checkpoint(ckpt_path, model, name, opt, sched, step, best, best_state)
     net = data_parallel(model, device)
     progress = Progress(total, f"{method} lr {lr:g}", first_step=step)
     try:
         while step < total:
             model.train()
             torch.manual_seed(args.seed * 1_000_003 + step)  # dropout's random state (on every device) too
-            start, tokens, loss_sum = time.time(), 0, 0.0
-            micro = step_batches(len(train_pairs), step, per_epoch, args)
-            for a, idx in enumerate(micro):
-                whole = method_batch([train_pairs[i] for i in idx], tok, task, method, device)
-                b, weight = batch_rows(whole)
-                positions, targets = next_token_targets(b.labels)
-                last = a == len(micro) - 1  # DDP averages the gradients in the last micro-batch's backward
-                with contextlib.nullcontext() if last or net is model else net.no_sync():
-                    with autocast(device, args):
-                        loss = weight * lm_loss(batch_forward(net, b, method, args, logits_at=positions), targets)
-                    batch_loss = process_mean(loss.detach())  # the mean over the whole micro-batch
-                    if not math.isfinite(batch_loss):
-                        kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else \
-                            f"no checkpoint was saved yet (--save-every {args.save_every})"
-                        raise Diverged(f"{method}: the loss is {batch_loss} at step {step + 1}; stopped, {kept}. "
-                                       f"Lower --lr (now {lr:g}) or use --precision fp32, then rerun with --resume.")
-                    (loss / args.grad_accum).backward()
-                tokens += int(whole.attention_mask.sum())
-                loss_sum += batch_loss / args.grad_accum
+            start = time.time()
+            batches = [[train_pairs[i] for i in idx] for idx in step_batches(len(train_pairs), step, per_epoch, args)]
+            loss, tokens = accumulate(net, batches, tok, task, method, args, device)
+            if not math.isfinite(loss):
+                kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else \
+                    f"no checkpoint was saved yet (--save-every {args.save_every})"
+                raise Diverged(f"{method}: the loss is {loss} at step {step + 1}; stopped, {kept}. Lower --lr "
+                               f"(now {lr:g}) or use --precision fp32, then rerun with --resume.")
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            record = {"step": step, "loss": loss_sum, "lr": opt.param_groups[0]["lr"],
+            record = {"step": step, "loss": loss, "lr": opt.param_groups[0]["lr"],
                       "tokens_per_s": tokens / (time.time() - start)}
             if step % eval_every == 0 or step == total:
                 score = evaluate(model, tok, task, val_pairs, method, args, device)[task.metric]
@@ -550,11 +538,11 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
             if world()[1] == 0:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            progress.update(step, loss_sum, record["lr"], record["tokens_per_s"])
+            progress.update(step, loss, record["lr"], record["tokens_per_s"])
             if step % args.save_every == 0 or step == total:
-                save()
+                save_checkpoint(ckpt_path, model, name, opt, sched, step, best, best_state)
     except KeyboardInterrupt:
-        save()
+        save_checkpoint(ckpt_path, model, name, opt, sched, step, best, best_state)
         progress.close()
         raise SystemExit(f"\ninterrupted at step {step}; checkpoint saved. Continue with the same command and "
                          f"--resume." if world()[1] == 0 else 1)
@@ -566,6 +554,28 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
     if world()[1] == 0:
         flare.save_adapter(model, name, os.path.join(folder, "adapter"), base_model=args.model)
     return best
+
+
+def accumulate(net, batches, tok, task, method, args, device):
+    """Forward and backward over one optimizer step's micro-batches (lists of pairs), this process's rows of each
+    (batch_rows): the gradients of the step's mean loss. Returns that loss and the step's tokens; a micro-batch
+    whose loss is not finite stops it before its backward, and its loss is returned."""
+    tokens, loss_sum = 0, 0.0
+    for a, pairs in enumerate(batches):
+        whole = method_batch(pairs, tok, task, method, device)
+        b, weight = batch_rows(whole)
+        positions, targets = next_token_targets(b.labels)
+        last = a == len(batches) - 1  # DDP averages the gradients in the last micro-batch's backward
+        with net.no_sync() if isinstance(net, DistributedDataParallel) and not last else contextlib.nullcontext():
+            with autocast(device, args):
+                loss = weight * lm_loss(batch_forward(net, b, method, args, logits_at=positions), targets)
+            batch_loss = process_mean(loss.detach())  # the mean over the whole micro-batch
+            if not math.isfinite(batch_loss):
+                return batch_loss, tokens
+            (loss / args.grad_accum).backward()
+        tokens += int(whole.attention_mask.sum())
+        loss_sum += batch_loss / args.grad_accum
+    return loss_sum, tokens
 
 
 def step_batches(n, step, per_epoch, args):
