@@ -15,7 +15,8 @@ One invocation, one code path for CPU and CUDA, both sides of every ratio in the
   6. Batched greedy generation with the KV cache: ours vs transformers' generate.
   7. Classification evaluation: train.evaluate vs transformers + peft scoring each label with its own forward.
   8. The cost model: FLOPs and peak memory of one train.py step at the shapes of Llama 3.1 8B / 70B, Gemma 2 9B
-     and Gemma 3 270M, on fake tensors (nothing allocated), checked against a measured step at the small size.
+     and Gemma 3 270M, on fake tensors (nothing allocated), checked against a measured step at the small size;
+     and per GPU for Llama 3.1 70B under torchrun --fsdp on 8 GPUs (fsdp_per_gpu).
   9. With --device cuda: those steps on random-initialised real-shape models: time, tokens/s, MFU, peak memory.
 
 Times are medians over repeats; the sides of a comparison run interleaved (A B A B ...) after warm-up, so a noisy
