@@ -1,9 +1,9 @@
 """torchrun: two CPU processes (gloo) against one process on the same global batch, on the tiny demo model.
 
-For lora and flare, under DDP and under --fsdp: the per-step losses of stage 1 and of each method equal one
-process's (relative 1e-4), the saved adapters are the same, and the split evaluation gives the same scores; a
-two-process run stopped by Ctrl-C and resumed reaches the same losses as the uninterrupted one; only rank 0 writes
-and pretrains; --fsdp shards the base (each process holds about half of its weights).
+For lora, flare and input-fusion, under DDP and under --fsdp (with --checkpointing): the per-step losses of stage 1
+and of each method equal one process's (relative 1e-4), the saved adapters are the same, and the split evaluation
+gives the same scores; a two-process run stopped by Ctrl-C and resumed reaches the same losses as the uninterrupted
+one; only rank 0 writes and pretrains; --fsdp shards the base (each process holds about half of its weights).
 """
 import json
 import os
@@ -18,9 +18,10 @@ import train
 from test_train import SMALL, read_log, tiny_model  # noqa: F401 (tiny_model is a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Stage 1 32 English examples, 4 steps of 8; lora and flare 16 target examples, 2 steps each, validated at each.
-FLAGS = SMALL + ["--methods", "lora,flare"]
-STAGES = ("stage1", "lora", "flare")
+# Stage 1: 32 English examples, 4 steps of 8; each method 17 target examples, 3 steps, validated at each. A step is
+# two micro-batches of 4 (DDP averages at the second); the last step has one example, so one process has no row.
+FLAGS = SMALL + ["--methods", "lora,flare,input-fusion", "--max-train", "17", "--batch-size", "4", "--grad-accum", "2"]
+STAGES = ("stage1", "lora", "flare", "input-fusion")
 
 
 def torchrun(out, *flags, env=None, tiny=None):
@@ -54,7 +55,7 @@ def ddp(tiny_model, tmp_path_factory):  # noqa: F811
 @pytest.fixture(scope="module")
 def fsdp(tiny_model, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("fsdp")
-    return out, finished(torchrun(out, "--fsdp", tiny=tiny_model))
+    return out, finished(torchrun(out, "--fsdp", "--checkpointing", tiny=tiny_model))  # the same numbers
 
 
 def same_losses(a, b, rel=1e-4):
@@ -89,7 +90,7 @@ def test_two_processes_train_as_one_on_the_same_global_batch(mode, one, request)
 def test_the_split_evaluation_scores_what_one_process_scores(mode, one, request):
     out, proc = request.getfixturevalue(mode)
     results = json.loads((out / "results.json").read_text())
-    for method in ("lora", "flare"):
+    for method in ("lora", "flare", "input-fusion"):
         for key in ("accuracy", "macro_f1", "val_accuracy", "mismatched_source_accuracy"):
             assert results[method].get(key) == one[1][method].get(key), (method, key)
     assert proc.stdout.count("| method |") == 1  # the table, printed by rank 0 alone
