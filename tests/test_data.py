@@ -295,6 +295,17 @@ def test_translate_tydiqa_marks_the_answer_caches_and_counts_lost_answers(tmp_pa
         ["swahili-40011729-0", "swahili-40021729-0"]
 
 
+def test_translate_tydiqa_without_write_reads_the_cache_translates_the_rest_and_writes_nothing(tmp_path):
+    """What the other processes of a torchrun job do while rank 0 writes: the same calls, the same count."""
+    path = tmp_path / "sw.jsonl"
+    data.translate_tydiqa("sw", "test", fake_model, str(path), batch_size=2)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + lines[1][:20])  # one record cached, one cut mid-line by a crash
+    fake_model.calls = 0
+    assert data.translate_tydiqa("sw", "test", fake_model, str(path), batch_size=2, write=False) == 1
+    assert fake_model.calls == 2 and path.read_text() == lines[0] + lines[1][:20]  # two items, one batch of two
+
+
 def test_translation_prompt_is_few_shot_with_the_answer_span_in_quotes(tmp_path):
     seen = []
     data.translate_tydiqa("sw", "test", lambda prompts, n: seen.extend(prompts) or ["x"] * len(prompts),
