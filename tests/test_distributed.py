@@ -12,9 +12,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+import data
+import flare
 import train
+from conftest import save_tiny, save_tiny_tokenizer, tiny_hf_model
+from model import load_model
 from test_train import SMALL, read_log, tiny_model  # noqa: F401 (tiny_model is a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,12 +29,12 @@ FLAGS = SMALL + ["--methods", "lora,flare,input-fusion", "--max-train", "17", "-
 STAGES = ("stage1", "lora", "flare", "input-fusion")
 
 
-def torchrun(out, *flags, env=None, tiny=None):
-    """train.cli in two processes (tests/torchrun_main.py); returns the completed process."""
+def torchrun(out, *flags, env=None, tiny=None, base=FLAGS):
+    """train.cli in two processes (tests/torchrun_main.py) on base + flags; returns the completed process."""
     if tiny and not os.path.exists(os.path.join(out, "tiny-model")):
         shutil.copytree(tiny, os.path.join(out, "tiny-model"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "tests", "torchrun_main.py"), *FLAGS, "--out", str(out), *flags]
+           os.path.join(ROOT, "tests", "torchrun_main.py"), *base, "--out", str(out), *flags]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
@@ -135,3 +140,23 @@ def test_fsdp_without_torchrun_says_how_to_start_it(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--fsdp"])
     assert "torchrun --nproc_per_node" in capsys.readouterr().err
+
+
+def test_tydiqa_is_translated_once_by_both_processes_and_scored_as_one_process_scores(tmp_path):
+    """The model translates the test items itself (split over the processes, rank 0 writing the file), then
+    zero-shot and translate-test decode their answers (split too): the same file and scores as one process."""
+    copy = tmp_path / "copy" / data.HUB["tydiqa"][0]
+    shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "tydiqa"), copy)
+    folder = save_tiny_tokenizer(save_tiny(tiny_hf_model("llama"), tmp_path / "tiny"))
+    tiny = load_model(folder, dtype=torch.float32)
+    flare.add_lora(tiny, "task")
+    flare.save_adapter(tiny, "task", str(tmp_path / "stage1"), base_model=folder)
+    flags = ["--model", folder, "--task", "tydiqa", "--lang", "sw", "--data-dir", str(tmp_path / "copy"),
+             "--methods", "zero-shot,translate-test", "--stage1", str(tmp_path / "stage1"), "--batch-size", "4"]
+
+    one = train.main(flags + ["--out", str(tmp_path / "one")])
+    finished(torchrun(tmp_path / "two", base=flags))
+    translations = [(out / "translations-sw.jsonl").read_text() for out in (tmp_path / "one", tmp_path / "two")]
+    assert translations[0] == translations[1] and len(translations[0].splitlines()) == 3
+    untimed = lambda results: {m: {k: v for k, v in row.items() if "seconds" not in k} for m, row in results.items()}
+    assert untimed(json.loads((tmp_path / "two" / "results.json").read_text())) == untimed(one)
