@@ -288,7 +288,8 @@ def on_rank0(fn, *args):
     with a UsageError (any other error stops rank 0, and torchrun then stops them all)."""
     world_size, rank = world()
     if world_size == 1:
-        return fn(*args)
+        fn(*args)
+        return
     error = None
     try:
         if rank == 0:
