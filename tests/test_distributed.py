@@ -36,12 +36,20 @@ def torchrun(out, *flags, env=None, tiny=None, base=FLAGS):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "tests", "torchrun_main.py"), *base, "--out", str(out), *flags]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})})
 
 
 def finished(proc):
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_only():
+    """Everything on the CPU, on a machine with GPUs too: gloo between the processes, fp32 as in the one process."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        yield
 
 
 @pytest.fixture(scope="module")
