@@ -67,8 +67,10 @@ def test_the_grid_runs_every_method_once_and_a_second_start_runs_nothing(fake_ma
     records = experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")
 
     assert len(records) == experiment.EXPECTED == len({experiment.key(r) for r in records})
-    per_seed = 2 + len(experiment.LANGS) * 4  # stage 1 with zero-shot, translate-test; zero-shot lora flare if
-    assert len(fake_main) == len(experiment.SEEDS) * (per_seed - 1)
+    # per seed: zero-shot on the first language with stage 1, translate-test, the other languages' zero-shot, and per
+    # language each trained method at each rate, then input fusion at one
+    langs, rates = len(experiment.LANGS), len(experiment.RATES)
+    assert len(fake_main) == len(experiment.SEEDS) * (2 + (langs - 1) + langs * (2 * rates + 1))
     assert sum(1 for argv in fake_main if "--stage1" not in argv and "--resume" not in argv) == len(experiment.SEEDS)
     assert all(r["val_macro_f1"] == 0.7 and r["seconds"] == 0.0 for r in records if r["method"] == "stage1")
 
@@ -99,7 +101,7 @@ def test_an_interrupted_grid_goes_on_where_it_stopped(fake_main, tmp_path, monke
     monkeypatch.setattr(train, "main", stop_at_the_fifth_call)
     with pytest.raises(SystemExit):
         experiment.main(args_for(tmp_path))
-    assert len(experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")) == 7  # 4 runs, 7 records
+    assert len(experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")) == 5  # 4 runs, 5 records
 
     monkeypatch.setattr(train, "main", real)
     experiment.main(args_for(tmp_path))
@@ -176,6 +178,7 @@ def test_a_lost_run_folder_trains_stage_1_again_only_for_the_runs_still_to_come(
     calls = len(fake_main)
     experiment.main(args_for(tmp_path))
     again = [[argv[argv.index(flag) + 1] for flag in ("--methods", "--lang")] for argv in fake_main[calls:]]
-    assert again == [["zero-shot", "jav"], ["lora", "sun"]]  # stage 1 in its first run, then the run that needs it
+    assert again == [["zero-shot", "jav"], ["lora", "sun"], ["lora", "sun"]]  # stage 1 in its first run, then
+    # the runs that need it, one per rate
     records = experiment.read_records(path)
     assert len(records) == experiment.EXPECTED == len({experiment.key(r) for r in records})
