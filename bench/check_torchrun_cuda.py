@@ -1,0 +1,106 @@
+"""torchrun on GPUs: train.py's step on random weights at a real shape, over NCCL, with the peak memory of each GPU
+next to the cost model's estimate (bench.fsdp_per_gpu for --fsdp). Not yet run: no GPU was available to us.
+
+    torchrun --nproc_per_node 8 bench/check_torchrun_cuda.py                                  # Llama 3.1 70B, --fsdp
+    torchrun --nproc_per_node 2 bench/check_torchrun_cuda.py --model llama3.1-8b --no-fsdp    # data parallel only
+    torchrun --nproc_per_node 2 bench/check_torchrun_cuda.py --model gemma3-270m --layers 2   # a smoke run (CPU too)
+
+The model is built on the meta device, sharded as train.py --fsdp shards it (train.shard_per_layer), materialised
+on each process's device with random weights (no download), given the stage-1 and a transfer adapter as train.py
+does, and trained for a few steps at XNLI's global batch (32 x 131), each process on its rows (train.batch_rows),
+DDP over the adapter (train.data_parallel), bf16 autocast. Rank 0 prints, per rank: the median step time, the peak
+CUDA memory and the estimate; then PASS if every process ends with the same adapter (DDP kept them in step), FAIL
+if not.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import bench  # noqa: E402
+import flare  # noqa: E402
+import train  # noqa: E402
+from model import Transformer, rope_frequencies  # noqa: E402
+
+
+def random_sharded_model(config, method, fsdp, device):
+    """bench.random_model, sharded first with --fsdp: each process fills only its rows of each weight (bf16 on a
+    GPU, fp32 on a CPU, as train.py loads them)."""
+    with torch.device("meta"):
+        m = Transformer(config).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if fsdp:
+        train.shard_per_layer(m)
+    m = m.to_empty(device=device)
+    torch.manual_seed(0)  # the same weights on every process where they are whole
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            local.fill_(0.0 if config.norm_offset else 1.0) if "norm" in name else local.normal_(0.0, 0.02)
+    m.inv_freq = rope_frequencies(config).to(device)
+    if config.sliding_rope_theta:
+        m.sliding_inv_freq = rope_frequencies(config, sliding=True).to(device)
+    flare.add_lora(m, "task", bench.RANK, bench.ALPHA)
+    m.requires_grad_(False)
+    return flare.add_lora(m, "transfer", bench.RANK, bench.ALPHA, fusion="add_relu" if method == "flare" else None)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama3.1-70b", choices=list(bench.HUB_CONFIGS))
+    p.add_argument("--method", default="flare", choices=bench.COST_METHODS)
+    p.add_argument("--layers", type=int, help="cut the model to this many decoder layers (a smoke run)")
+    p.add_argument("--no-fsdp", action="store_true", help="data parallel only: the base whole on every GPU")
+    p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--steps", type=int, default=5)
+    a = p.parse_args()
+    device = train.start_processes()
+    world, rank = train.world()
+    config = bench.real_config(a.model)
+    config = dataclasses.replace(config, num_layers=a.layers) if a.layers else config
+    checkpointing, fsdp = not a.no_checkpointing, not a.no_fsdp
+    m = random_sharded_model(config, a.method, fsdp, device)
+    params = flare.adapter_parameters(m, "transfer")
+    opt = torch.optim.AdamW(params, lr=bench.LR)
+    net = train.data_parallel(m, device)
+    args = bench.step_args("xnli", checkpointing, "bf16" if device.type == "cuda" else "fp32")
+    b = bench.task_batch(a.method, "xnli", config.vocab_size)
+    b, weight = train.batch_rows(dataclasses.replace(
+        b, **{k: v.to(device) for k, v in vars(b).items() if isinstance(v, torch.Tensor)}))
+    positions, targets = train.next_token_targets(b.labels)
+    times = []
+    for _ in range(a.steps):
+        start = time.perf_counter()
+        with train.autocast(device, args):
+            loss = weight * train.lm_loss(train.batch_forward(net, b, a.method, args, logits_at=positions), targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bench.sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    adapter = sum(float(p.detach().double().sum()) for p in params)  # equal on every process if DDP kept them in step
+    rows = [None] * world
+    dist.all_gather_object(rows, (rank, bench.median(times[1:] or times), peak, adapter))
+    if rank == 0:
+        est = None if a.layers else bench.fsdp_per_gpu(a.model, "xnli", a.method, checkpointing, gpus=world)[
+            "peak_gb"] if fsdp else bench.estimate_by_depth(config, a.method, "xnli", checkpointing,
+                                                             batch=b.input_ids.shape[0])["peak_bytes"] / 1e9
+        print(f"{a.model}{f' ({a.layers} layers)' if a.layers else ''} {a.method}, {world} processes, "
+              f"{'--fsdp' if fsdp else 'data parallel'}{', --checkpointing' if checkpointing else ''}, "
+              f"{b.input_ids.shape[0]} rows per process; estimate per GPU: {est and f'{est:.1f} GB'}")
+        for r, step_s, gb, _ in rows:
+            print(f"rank {r}: step {step_s * 1e3:.0f} ms, peak CUDA memory {gb and f'{gb:.1f} GB'}")
+        print("PASS" if len({round(x[3], 6) for x in rows}) == 1 else "FAIL: the adapters differ between processes")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
