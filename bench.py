@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.tensor import DTensor
 from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -439,7 +440,7 @@ def estimate_step(config, method, task, checkpointing, dtype=torch.bfloat16, pre
     b = task_batch(method, task, config.vocab_size, batch)
     targets = train.next_token_targets(b.labels)
     with mode:
-        b = data.Batch(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in vars(b).values()))
+        b = b.map(mode.from_tensor)
         targets = tuple(mode.from_tensor(t) for t in targets)
         tracker = StepCost()
         FusedAttentionCost.flops = 0
@@ -618,20 +619,28 @@ CUDA_RUNS = [("llama3.1-8b", "xnli", "lora"), ("llama3.1-8b", "xnli", "flare"), 
              ("gemma3-270m", "xnli", "flare")]
 
 
-def random_model(config, method, device):
-    """A real-shape model with random bf16 weights and fp32 adapters, built on meta and materialised on device
-    (no download, nothing initialised twice)."""
-    m = adapted_model(config, method, "meta", torch.bfloat16).to_empty(device=device)
+def random_model(config, method, device, shard=None):
+    """A real-shape model with random bf16 weights, built on meta and materialised on device (no download, nothing
+    initialised twice), with the adapters as train.py adds them in fp32: a trained stage-1 LoRA under a fresh
+    transfer one. shard: train.shard_per_layer (--fsdp), applied on meta as load_model applies it; each process then
+    fills only its rows of each base weight, and the adapters, added after, are whole."""
+    with torch.device("meta"):
+        m = flare_model.Transformer(config).to(torch.bfloat16)
+    if shard is not None:
+        shard(m)
+    m = m.to_empty(device=device)
     with torch.no_grad():
         for name, p in m.named_parameters():
-            if "norm" in name:
-                p.fill_(0.0 if config.norm_offset else 1.0)  # unit gain either way
-            elif "lora_B" in name and p.requires_grad:
-                p.zero_()  # the fresh transfer adapter; the stage-1 one below it has been trained
-            else:
-                p.normal_(0.0, 0.02)
-    m.inv_freq = flare_model.rope_frequencies(config).to(device)
-    return m
+            local = p.to_local() if isinstance(p, DTensor) else p
+            local.fill_(0.0 if config.norm_offset else 1.0) if "norm" in name else local.normal_(0.0, 0.02)
+        m.inv_freq = flare_model.rope_frequencies(config).to(device)  # computed buffers, fp32 as load_model keeps them
+        if config.sliding_rope_theta:
+            m.sliding_inv_freq = flare_model.rope_frequencies(config, sliding=True).to(device)
+        flare.add_lora(m, "task", RANK, ALPHA)
+        for p in flare.adapter_parameters(m, "task"):
+            p.normal_(0.0, 0.02)  # trained: lora_B no longer zero
+    m.requires_grad_(False)
+    return flare.add_lora(m, "transfer", RANK, ALPHA, fusion="add_relu" if method == "flare" else None)
 
 
 def real_shape_step(config, method, task, checkpointing, device, repeats, batch=None):
@@ -642,7 +651,7 @@ def real_shape_step(config, method, task, checkpointing, device, repeats, batch=
     args = step_args(task, checkpointing, "bf16")
     b = task_batch(method, task, config.vocab_size, batch)
     targets = tuple(t.to(device) for t in train.next_token_targets(b.labels))
-    b = dataclasses.replace(b, **{k: v.to(device) for k, v in vars(b).items() if isinstance(v, torch.Tensor)})
+    b = b.map(lambda t: t.to(device))
     run = lambda: train_step(m, b, targets, method, args, params, opt)
     run()
     if device.type == "cuda":

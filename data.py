@@ -33,7 +33,7 @@ import sys
 import unicodedata
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -338,6 +338,10 @@ class Batch:
     source_ids: torch.Tensor | None     # (B, P) English prompt left-padded to the same P
     source_mask: torch.Tensor | None    # (B, P)
     prompt_len: int                     # P
+
+    def map(self, fn):
+        """The batch with fn applied to each of its tensors: .to(device), a slice of rows."""
+        return replace(self, **{k: fn(v) for k, v in vars(self).items() if isinstance(v, torch.Tensor)})
 
 
 def prompt_ids(task: Task, fields: dict, tokenizer, bos: bool = True) -> list[int]:

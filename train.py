@@ -241,7 +241,7 @@ class Progress:
 
     def __init__(self, total, label, first_step=0):
         self.total, self.label, self.first_step = total, label, first_step  # first_step: where a resumed run starts
-        self.start, self.tty, self.quiet = time.time(), sys.stderr.isatty(), world()[1] != 0
+        self.start, self.tty, self.quiet = time.time(), sys.stderr.isatty(), not rank0()
 
     def update(self, step, loss, lr, tokens_per_s):
         if self.quiet:
@@ -267,6 +267,11 @@ class Progress:
 def world():
     """(number of processes, this one's rank): (1, 0) without torchrun."""
     return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
+def rank0():
+    """Whether this process writes and prints: the only one without torchrun, rank 0 with it."""
+    return world()[1] == 0
 
 
 def start_processes():
@@ -306,7 +311,7 @@ def on_rank0(fn, *args):
 
 def note(*args):
     """A notice on stderr, from rank 0 only."""
-    if world()[1] == 0:
+    if rank0():
         print(*args, file=sys.stderr, flush=True)
 
 
@@ -354,10 +359,11 @@ def batch_rows(b):
     world_size, rank = world()
     if world_size == 1:
         return b, 1.0
-    rows = slice(rank, None, world_size) if rank < len(b.input_ids) else slice(0, 1)
-    mine = dataclasses.replace(b, **{k: v[rows] for k, v in vars(b).items() if isinstance(v, torch.Tensor)})
+    if rank >= len(b.input_ids):
+        return b.map(lambda t: t[:1]), 0.0
+    mine = b.map(lambda t: t[rank::world_size])
     labelled = lambda batch: int((batch.labels[:, 1:] != -100).sum())
-    return mine, (labelled(mine) * world_size / labelled(b) if rank < len(b.input_ids) else 0.0)
+    return mine, labelled(mine) * world_size / labelled(b)
 
 
 def data_parallel(model, device):
@@ -406,7 +412,7 @@ def method_batch(pairs, tok, task, method, device, answers=None):
     zero-shot), English then target in one sequence (input-fusion), or target with the English source (flare)."""
     b = data.make_batch(pairs, tok, task, answers=answers, source=method == "flare",
                         input_fusion=method == "input-fusion", english_only=method in ("english", "translate-test"))
-    return dataclasses.replace(b, **{k: v.to(device) for k, v in vars(b).items() if isinstance(v, torch.Tensor)})
+    return b.map(lambda t: t.to(device))
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -503,12 +509,12 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     log_path, ckpt_path = os.path.join(folder, "log.jsonl"), os.path.join(folder, "checkpoint.pt")
     if args.resume and os.path.exists(ckpt_path):
-        step, best, best_state = resume(folder, model, name, opt, sched)
+        step, best, best_state = resume(ckpt_path, log_path, model, name, opt, sched)
         note(f"resuming {folder} at step {step}/{total}")
     else:  # a fresh run: nothing of an earlier one in this folder may be resumed or appended to
         step, best, best_state = 0, -1.0, None
         for stale in (log_path, ckpt_path):
-            if os.path.exists(stale) and world()[1] == 0:
+            if os.path.exists(stale) and rank0():
                 os.remove(stale)
     net = data_parallel(model, device)
     progress = Progress(total, f"{method} lr {lr:g}", first_step=step)
@@ -536,7 +542,7 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
                 record["val_" + task.metric] = score
                 if score > best:
                     best, best_state = score, flare.adapter_state(model, name)
-            if world()[1] == 0:
+            if rank0():
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             progress.update(step, loss, record["lr"], record["tokens_per_s"])
@@ -546,13 +552,13 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
         save_checkpoint(ckpt_path, model, name, opt, sched, step, best, best_state)
         progress.close()
         raise SystemExit(f"\ninterrupted at step {step}; checkpoint saved. Continue with the same command and "
-                         f"--resume." if world()[1] == 0 else 1)
+                         f"--resume." if rank0() else 1)
     progress.close()
     if best_state is None:  # a Ctrl-C stopped the only validation, at the last step: it runs now
         best, best_state = evaluate(model, tok, task, val_pairs, method, args, device)[task.metric], \
             flare.adapter_state(model, name)
     flare.set_adapter_state(model, name, best_state)  # keep the best adapter by validation
-    if world()[1] == 0:
+    if rank0():
         flare.save_adapter(model, name, os.path.join(folder, "adapter"), base_model=args.model)
     return best
 
@@ -613,23 +619,22 @@ def load_checkpoint(path):
 def save_checkpoint(path, model, name, opt, sched, step, best, best_state):
     """checkpoint.pt, atomically, from rank 0: what a resumed run needs besides the step (data order and dropout
     follow from it): the adapter, the optimizer and schedule, the best validation score so far and its adapter."""
-    if world()[1] == 0:
+    if rank0():
         state = {"adapter": flare.adapter_state(model, name), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "step": step, "best": best, "best_state": best_state}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def resume(folder, model, name, opt, sched):
-    """Puts folder/checkpoint.pt back into the adapter, optimizer and schedule; returns its step, best score and
-    best adapter. folder/log.jsonl is cut back to the checkpoint's steps: a crash leaves the records of steps after
-    it, which run again."""
-    log_path, ckpt_path = os.path.join(folder, "log.jsonl"), os.path.join(folder, "checkpoint.pt")
+def resume(ckpt_path, log_path, model, name, opt, sched):
+    """Puts the checkpoint back into the adapter, optimizer and schedule; returns its step, best score and best
+    adapter. The log is cut back to the checkpoint's steps: a crash leaves the records of steps after it, which run
+    again."""
     ck = load_checkpoint(ckpt_path)
     flare.set_adapter_state(model, name, ck["adapter"], ckpt_path)
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])
     step = ck["step"]
-    if os.path.exists(log_path) and world()[1] == 0:
+    if os.path.exists(log_path) and rank0():
         with open(log_path) as f:
             lines = f.readlines()
         if lines and not lines[-1].endswith("\n"):  # a record cut short: the next one must not be glued to it
@@ -698,7 +703,7 @@ def main(argv=None):
         for split in splits:
             lost = data.translate_tydiqa(args.lang, split, translate, args.translations,
                                          limit=args.max_train if split == "train" else args.max_eval,
-                                         seed=args.seed, data_dir=args.data_dir, write=world()[1] == 0)
+                                         seed=args.seed, data_dir=args.data_dir, write=rank0())
             note(f"tydiqa {args.lang} {split}: translated into {args.translations}; {lost} items lost their answer "
                  f"and are left out")
         if world()[0] > 1:
@@ -740,7 +745,7 @@ def main(argv=None):
         on_rank0(write_json, results, results_path)
     table = results_table(results, task, args)
     on_rank0(atomic_write, os.path.join(args.out, "results.md"), lambda tmp: pathlib.Path(tmp).write_text(table + "\n"))
-    if world()[1] == 0:
+    if rank0():
         print(table)
     return results
 

@@ -5,12 +5,12 @@ next to the cost model's estimate (bench.fsdp_per_gpu for --fsdp). Not yet run: 
     torchrun --nproc_per_node 2 bench/check_torchrun_cuda.py --model llama3.1-8b --no-fsdp    # data parallel only
     torchrun --nproc_per_node 2 bench/check_torchrun_cuda.py --model gemma3-270m --layers 2   # a smoke run (CPU too)
 
-The model is built on the meta device, sharded as train.py --fsdp shards it (train.shard_per_layer), materialised
-on each process's device with random weights (no download), given the stage-1 and a transfer adapter as train.py
-does, and trained for a few steps at XNLI's global batch (32 x 131), each process on its rows (train.batch_rows),
-DDP over the adapter (train.data_parallel), bf16 autocast. Rank 0 prints, per rank: the median step time, the peak
-CUDA memory and the estimate; then PASS if every process ends with the same adapter (DDP kept them in step), FAIL
-if not.
+The model is built on the meta device, sharded as train.py --fsdp shards it (train.shard_per_layer), materialised on
+each process's device with random bf16 weights (bench.random_model: no download), given the stage-1 and a transfer
+adapter as train.py does, and trained for a few steps at XNLI's global batch (32 x 131), each process on its rows
+(train.batch_rows), DDP over the adapter (train.data_parallel), bf16 autocast. Rank 0 prints, per rank: the median
+step time, the peak CUDA memory and the estimate; then PASS if every process ends with the same adapter (DDP kept
+them in step), FAIL if not.
 """
 import argparse
 import dataclasses
@@ -20,35 +20,12 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import bench  # noqa: E402
 import flare  # noqa: E402
 import train  # noqa: E402
-from model import Transformer, rope_frequencies  # noqa: E402
-
-
-def random_sharded_model(config, method, fsdp, device):
-    """bench.random_model, sharded first with --fsdp: each process fills only its rows of each weight (bf16 on a
-    GPU, fp32 on a CPU, as train.py loads them)."""
-    with torch.device("meta"):
-        m = Transformer(config).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if fsdp:
-        train.shard_per_layer(m)
-    m = m.to_empty(device=device)
-    torch.manual_seed(0)  # the same weights on every process where they are whole
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            local = p.to_local() if isinstance(p, DTensor) else p
-            local.fill_(0.0 if config.norm_offset else 1.0) if "norm" in name else local.normal_(0.0, 0.02)
-    m.inv_freq = rope_frequencies(config).to(device)
-    if config.sliding_rope_theta:
-        m.sliding_inv_freq = rope_frequencies(config, sliding=True).to(device)
-    flare.add_lora(m, "task", bench.RANK, bench.ALPHA)
-    m.requires_grad_(False)
-    return flare.add_lora(m, "transfer", bench.RANK, bench.ALPHA, fusion="add_relu" if method == "flare" else None)
 
 
 def main():
@@ -65,14 +42,13 @@ def main():
     config = bench.real_config(a.model)
     config = dataclasses.replace(config, num_layers=a.layers) if a.layers else config
     checkpointing, fsdp = not a.no_checkpointing, not a.no_fsdp
-    m = random_sharded_model(config, a.method, fsdp, device)
+    m = bench.random_model(config, a.method, device, shard=train.shard_per_layer if fsdp else None)
     params = flare.adapter_parameters(m, "transfer")
     opt = torch.optim.AdamW(params, lr=bench.LR)
     net = train.data_parallel(m, device)
-    args = bench.step_args("xnli", checkpointing, "bf16" if device.type == "cuda" else "fp32")
+    args = bench.step_args("xnli", checkpointing, "bf16")
     b = bench.task_batch(a.method, "xnli", config.vocab_size)
-    b, weight = train.batch_rows(dataclasses.replace(
-        b, **{k: v.to(device) for k, v in vars(b).items() if isinstance(v, torch.Tensor)}))
+    b, weight = train.batch_rows(b.map(lambda t: t.to(device)))
     positions, targets = train.next_token_targets(b.labels)
     times = []
     for _ in range(a.steps):
