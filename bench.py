@@ -533,8 +533,9 @@ def fsdp_per_gpu(name, task, method, checkpointing, gpus=FSDP_GPUS):
     """Peak bytes per GPU of a `torchrun --nproc_per_node gpus train.py --fsdp` step, by the cost model's
     arithmetic: each process holds 1/gpus of each decoder layer's base weights (the input norms whole), the root's
     (embeddings, final norm, lm_head: FSDP2 keeps them gathered through the step) and two decoder layers gathered
-    (the one running and the one fetched ahead) whole, the adapters whole (DDP: both adapters, and the trained
-    one's AdamW moments), and what the step allocates at its share of the global batch (estimate_by_depth)."""
+    (the one running and the one fetched ahead) whole, 1/gpus of the adapters (train.parallel shards them too: both
+    adapters, and the trained one's AdamW moments), and what the step allocates at its share of the global batch
+    (estimate_by_depth)."""
     config = real_config(name)
     m = adapted_model(config, method, "meta", torch.bfloat16)
     nbytes = lambda params: sum(p.nbytes for p in params)
@@ -543,7 +544,7 @@ def fsdp_per_gpu(name, task, method, checkpointing, gpus=FSDP_GPUS):
     layer, root = nbytes(base(m.model.layers[0])), nbytes(base(m)) - nbytes(base(m.model.layers))
     norms = nbytes(block.input_layernorm.weight for block in m.model.layers)
     trained = nbytes(flare.adapter_parameters(m, "transfer"))
-    adapter_bytes = nbytes(p for p in m.parameters() if id(p) in adapters) + 2 * trained
+    adapter_bytes = (nbytes(p for p in m.parameters() if id(p) in adapters) + 2 * trained) / gpus
     step = estimate_by_depth(config, method, task, checkpointing, batch=TASK_SHAPES[task][0] // gpus)
     sharded = nbytes(base(m.model.layers)) - norms
     peak = sharded / gpus + norms + root + 2 * layer * (gpus - 1) / gpus + adapter_bytes + step["step_peak_bytes"]
@@ -623,7 +624,7 @@ def random_model(config, method, device, shard=None):
     """A real-shape model with random bf16 weights, built on meta and materialised on device (no download, nothing
     initialised twice), with the adapters as train.py adds them in fp32: a trained stage-1 LoRA under a fresh
     transfer one. shard: train.shard_per_layer (--fsdp), applied on meta as load_model applies it; each process then
-    fills only its rows of each base weight, and the adapters, added after, are whole."""
+    fills only its rows of each base weight; the adapters, added after, are whole until train.parallel shards them."""
     with torch.device("meta"):
         m = flare_model.Transformer(config).to(torch.bfloat16)
     if shard is not None:

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import MissingFile, UsageError, compute_dtype, read_json
+from torch.distributed.tensor import DTensor
+
+from model import MissingFile, UsageError, compute_dtype, copy_rows, read_json
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("q_proj", "v_proj")  # the paper fuses in the query and value adapters only
@@ -216,8 +218,10 @@ def adapter_config(model, name):
 
 
 def adapter_state(model, name):
-    """A copy of adapter `name`'s tensors on the CPU, named by the linear they adapt."""
-    return {f"{path}.{n}": p.detach().to("cpu", copy=True) for path, m in adapters(model, name)
+    """A copy of adapter `name`'s tensors on the CPU, named by the linear they adapt. Tensors sharded by FSDP2
+    (DTensors) are gathered whole: then every process must call it."""
+    whole = lambda p: p.full_tensor() if isinstance(p, DTensor) else p
+    return {f"{path}.{n}": whole(p.detach()).to("cpu", copy=True) for path, m in adapters(model, name)
             for n, p in m.named_parameters() if not n.startswith("base.")}
 
 
@@ -232,11 +236,11 @@ def write_json(obj, path):
     atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 
-def save_adapter(model, name, folder, base_model=None):
+def save_adapter(model, name, folder, base_model=None, state=None):
     """adapter.safetensors and adapter.json (rank, alpha, fusion, targets, base model) in folder, each written
-    atomically."""
+    atomically. state: the adapter's tensors as adapter_state returns them, where they are at hand already."""
     os.makedirs(folder, exist_ok=True)
-    state, config = adapter_state(model, name), {**adapter_config(model, name), "base_model": base_model}
+    state, config = state or adapter_state(model, name), {**adapter_config(model, name), "base_model": base_model}
     atomic_write(os.path.join(folder, "adapter.safetensors"), lambda tmp: save_file(state, tmp))
     write_json(config, os.path.join(folder, "adapter.json"))
 
@@ -277,7 +281,8 @@ def load_adapter(model, folder, name=None):
 
 
 def set_adapter_state(model, name, state, where="the given state"):
-    """Copies tensors named as adapter_state names them into adapter `name`; every name and shape must match."""
+    """Copies tensors named as adapter_state names them into adapter `name` (into each process's rows, where FSDP2
+    shards it); every name and shape must match."""
     params = {f"{path}.{n}": p for path, m in adapters(model, name) for n, p in m.named_parameters()
               if not n.startswith("base.")}
     if set(state) != set(params):
@@ -287,7 +292,7 @@ def set_adapter_state(model, name, state, where="the given state"):
         for key, value in state.items():
             if value.shape != params[key].shape:
                 raise UsageError(f"{key}: saved shape {tuple(value.shape)}, model expects {tuple(params[key].shape)}")
-            params[key].copy_(value)
+            copy_rows(params[key], value)
 
 
 def export_peft(model, name, folder, base_model=None):

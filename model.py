@@ -607,8 +607,8 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu", shard=None
 
 
 def copy_rows(param, stored):
-    """Fills a parameter from a safetensors slice: all of it, or of a parameter sharded by FSDP2 (a DTensor split by
-    rows over the processes, as torch.chunk splits them) only this process's rows."""
+    """Fills a parameter from a safetensors slice or a tensor: all of it, or of a parameter sharded by FSDP2 (a
+    DTensor split by rows over the processes, as torch.chunk splits them) only this process's rows."""
     if isinstance(param, DTensor):
         local = param.to_local()
         start = param.device_mesh.get_local_rank() * math.ceil(param.shape[0] / param.device_mesh.size())

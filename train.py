@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import os
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 import data
@@ -83,8 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=200, help="optimizer steps between checkpoints")
     p.add_argument("--seed", type=int, default=100)
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (fusion stays on)")
-    p.add_argument("--fsdp", action="store_true", help="with torchrun: shard the frozen base model's weights over the "
-                   "processes (FSDP2, per decoder layer), for a model that does not fit one GPU")
+    p.add_argument("--fsdp", action="store_true", help="with torchrun: shard the base model's weights and the adapters "
+                   "over the processes (FSDP2, per decoder layer), for a model that does not fit one GPU")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU (most CPUs lack bf16 units: 5-10x slower)")
     p.add_argument("--stage1", default=None, help="folder of a saved stage-1 adapter to reuse")
@@ -262,7 +264,7 @@ class Progress:
 # torchrun starts one process per GPU. Every process runs the whole pipeline over the same data order and takes
 # every N-th row of each batch (the global batch keeps its size); DDP averages the adapter's gradients over them, so
 # each step equals one process's over the whole batch; evaluation is split the same way and gathered. Rank 0 alone
-# writes files and prints. --fsdp also shards the frozen base (see shard_per_layer).
+# writes files and prints. --fsdp also shards the base and the adapters (see shard_per_layer and parallel).
 
 def world():
     """(number of processes, this one's rank): (1, 0) without torchrun."""
@@ -366,10 +368,19 @@ def batch_rows(b):
     return mine, labelled(mine) * world_size / labelled(b)
 
 
-def data_parallel(model, device):
-    """The model under DDP for its trainable adapter: gradients averaged over the processes during backward. The
-    frozen rest (whole on every process, or sharded by --fsdp) is left out: nothing of it is broadcast or reduced."""
+def parallel(model, device, args):
+    """The model as this process trains it: the model itself without torchrun. Under torchrun, DDP over the
+    trainable adapter (gradients averaged over the processes during backward; the frozen rest, whole on every
+    process, left out: nothing of it is broadcast or reduced). With --fsdp, each adapter of each linear becomes an
+    FSDP2 unit of its own instead: its weights split by rows like the base's (shard_per_layer), gathered for its
+    forward and backward, its gradients averaged and split (reduce-scatter), so each process holds, and optimizes,
+    its rows only. FSDP2 fixes its units at a model's first forward: this comes before it (see base_model)."""
     if world()[0] == 1:
+        return model
+    if args.fsdp:
+        for m in model.modules():
+            if isinstance(m, flare.LoRA):  # what it wraps is another unit's: the layer's or an earlier adapter's
+                fully_shard(m, ignored_params=set(m.base.parameters()))
         return model
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
@@ -382,7 +393,7 @@ def shard_per_layer(model):
     forward and backward and freed after; then the rest (embeddings, final norm, lm_head) as the root. Applied to
     the model on the meta device, before model.load_model reads each process's rows. The input norms stay whole
     (a few KB): the source pass calls them outside their layer's forward, where FSDP would not gather them. The
-    adapters, added later, are not sharded: whole on every process, 0.15% of Llama 3.1 70B's weights at rank 8."""
+    adapters, added later, are sharded by parallel."""
     for layer in model.model.layers:
         fully_shard(layer, ignored_params={layer.input_layernorm.weight})
     fully_shard(model)
@@ -400,7 +411,7 @@ def batch_source(model, batch, method, args):
 
 def batch_forward(model, batch, method, args, logits_at=None):
     """Logits of one batch, the way `method` sees its input (see data.make_batch for the batch layout), at the
-    positions logits_at (B, K) asks for or at all. model may be under DDP (data_parallel): the source pass, which
+    positions logits_at (B, K) asks for or at all. model may be under DDP (parallel): the source pass, which
     has no gradient, runs on the model inside."""
     inner = model.module if isinstance(model, DistributedDataParallel) else model
     return model(batch.input_ids, batch.attention_mask, source=batch_source(inner, batch, method, args),
@@ -497,6 +508,7 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
     checkpoints every --save-every steps and on Ctrl-C. With --resume it continues from folder/checkpoint.pt to
     the same losses."""
     os.makedirs(folder, exist_ok=True)
+    net = parallel(model, device, args)  # first: FSDP2 replaces the parameters by its shards
     params = flare.adapter_parameters(model, name)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     per_epoch = math.ceil(len(train_pairs) / (args.batch_size * args.grad_accum))
@@ -516,7 +528,6 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
         for stale in (log_path, ckpt_path):
             if os.path.exists(stale) and rank0():
                 os.remove(stale)
-    net = data_parallel(model, device)
     progress = Progress(total, f"{method} lr {lr:g}", first_step=step)
     try:
         while step < total:
@@ -549,17 +560,21 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
             if step % args.save_every == 0 or step == total:
                 save_checkpoint(ckpt_path, model, name, opt, sched, step, best, best_state)
     except KeyboardInterrupt:
-        save_checkpoint(ckpt_path, model, name, opt, sched, step, best, best_state)
+        kept = "checkpoint saved"
+        if args.fsdp:  # saving gathers from every process, and each may be anywhere in the step: the last one stands
+            kept = f"the last checkpoint (every {args.save_every} steps) stands"
+        else:
+            save_checkpoint(ckpt_path, model, name, opt, sched, step, best, best_state)
         progress.close()
-        raise SystemExit(f"\ninterrupted at step {step}; checkpoint saved. Continue with the same command and "
-                         f"--resume." if rank0() else 1)
+        raise SystemExit(f"\ninterrupted at step {step}; {kept}. Continue with the same command and --resume."
+                         if rank0() else 1)
     progress.close()
     if best_state is None:  # a Ctrl-C stopped the only validation, at the last step: it runs now
         best, best_state = evaluate(model, tok, task, val_pairs, method, args, device)[task.metric], \
             flare.adapter_state(model, name)
     flare.set_adapter_state(model, name, best_state)  # keep the best adapter by validation
     if rank0():
-        flare.save_adapter(model, name, os.path.join(folder, "adapter"), base_model=args.model)
+        flare.save_adapter(model, name, os.path.join(folder, "adapter"), base_model=args.model, state=best_state)
     return best
 
 
@@ -618,11 +633,19 @@ def load_checkpoint(path):
 
 def save_checkpoint(path, model, name, opt, sched, step, best, best_state):
     """checkpoint.pt, atomically, from rank 0: what a resumed run needs besides the step (data order and dropout
-    follow from it): the adapter, the optimizer and schedule, the best validation score so far and its adapter."""
+    follow from it): the adapter, the optimizer and schedule, the best validation score so far and its adapter.
+    Every process calls it: under --fsdp the adapter and the optimizer's moments are gathered from their shards."""
+    state = {"adapter": flare.adapter_state(model, name), "optimizer": whole(opt.state_dict()),
+             "scheduler": sched.state_dict(), "step": step, "best": best, "best_state": best_state}
     if rank0():
-        state = {"adapter": flare.adapter_state(model, name), "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "step": step, "best": best, "best_state": best_state}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def whole(state):
+    """A state dict with FSDP2's shards (DTensors) gathered whole, as one process holds it."""
+    if isinstance(state, dict):
+        return {k: whole(v) for k, v in state.items()}
+    return state.full_tensor() if isinstance(state, DTensor) else state
 
 
 def resume(ckpt_path, log_path, model, name, opt, sched):
@@ -632,6 +655,11 @@ def resume(ckpt_path, log_path, model, name, opt, sched):
     ck = load_checkpoint(ckpt_path)
     flare.set_adapter_state(model, name, ck["adapter"], ckpt_path)
     opt.load_state_dict(ck["optimizer"])
+    for p, moments in opt.state.items():  # under --fsdp: this process's rows of each moment, as for the adapter
+        if isinstance(p, DTensor):
+            for k, v in moments.items():
+                if v.dim():
+                    moments[k] = distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
     sched.load_state_dict(ck["scheduler"])
     step = ck["step"]
     if os.path.exists(log_path) and rank0():
@@ -646,36 +674,38 @@ def resume(ckpt_path, log_path, model, name, opt, sched):
     return step, ck["best"], ck["best_state"]
 
 
-def run_method(model, tok, task, splits, method, args, device):
-    """Trains (at each --lr, keeping the best on validation) and tests one method; returns its result row, with the
-    wall-clock and CPU seconds that training and testing took (in this process: a resumed run counts from there)."""
-    folder = os.path.join(args.out, method)
-
-    def timed(row, wall, cpu):
-        return {**row, "seconds": time.time() - wall, "cpu_seconds": time.process_time() - cpu}
+def run_method(new_model, tok, task, splits, method, args, device):
+    """Trains (at each --lr, keeping the best on validation) and tests one method, each rate on a model of its own
+    from new_model() (the base with the stage-1 adapter); returns its result row, with the wall-clock and CPU
+    seconds that training and testing took (in this process: a resumed run counts from there)."""
     if method in EVAL_ONLY:
         wall, cpu = time.time(), time.process_time()
-        return timed({"method": method, **evaluate(model, tok, task, splits["test"], method, args, device)}, wall, cpu)
-    runs = []
-    for lr in args.lrs:
-        wall, cpu = time.time(), time.process_time()
-        sub = folder if len(args.lrs) == 1 else os.path.join(folder, f"lr{lr:g}")
-        torch.manual_seed(args.seed)
-        flare.add_lora(model, "transfer", args.rank, args.alpha, args.dropout,
-                       fusion=args.fusion if method == "flare" else None)
-        val = train_adapter(model, tok, task, splits["train"], splits["validation"], method, "transfer", lr, sub,
-                            args, device)
-        row = {"method": method, "lr": lr, "val_" + task.metric: val,
-               **evaluate(model, tok, task, splits["test"], method, args, device)}
-        if method == "flare":  # the control: each test item gets the English source of another item
-            test = splits["test"]
-            mismatched = [dataclasses.replace(p, source=q.source) for p, q in zip(test, test[1:] + test[:1])]
-            row["mismatched_source_" + task.metric] = \
-                evaluate(model, tok, task, mismatched, method, args, device)[task.metric]
-        flare.remove(model, "transfer")
-        runs.append(timed(row, wall, cpu))
+        row = {"method": method, **evaluate(new_model(), tok, task, splits["test"], method, args, device)}
+        return {**row, "seconds": time.time() - wall, "cpu_seconds": time.process_time() - cpu}
+    folder = os.path.join(args.out, method)
+    runs = [run_rate(new_model(), tok, task, splits, method, lr,
+                     folder if len(args.lrs) == 1 else os.path.join(folder, f"lr{lr:g}"), args, device)
+            for lr in args.lrs]
     best = max(runs, key=lambda r: r["val_" + task.metric])
     return {**best, "runs": runs} if len(runs) > 1 else best
+
+
+def run_rate(model, tok, task, splits, method, lr, folder, args, device):
+    """A fresh adapter ("transfer") for one method at one rate, trained into folder and tested."""
+    wall, cpu = time.time(), time.process_time()
+    torch.manual_seed(args.seed)
+    flare.add_lora(model, "transfer", args.rank, args.alpha, args.dropout,
+                   fusion=args.fusion if method == "flare" else None)
+    val = train_adapter(model, tok, task, splits["train"], splits["validation"], method, "transfer", lr, folder,
+                        args, device)
+    row = {"method": method, "lr": lr, "val_" + task.metric: val,
+           **evaluate(model, tok, task, splits["test"], method, args, device)}
+    if method == "flare":  # the control: each test item gets the English source of another item
+        test = splits["test"]
+        mismatched = [dataclasses.replace(p, source=q.source) for p, q in zip(test, test[1:] + test[:1])]
+        row["mismatched_source_" + task.metric] = evaluate(model, tok, task, mismatched, method, args, device)[
+            task.metric]
+    return {**row, "seconds": time.time() - wall, "cpu_seconds": time.process_time() - cpu}
 
 
 # ------------------------------------------------------------------------------------------ the pipeline
@@ -691,23 +721,13 @@ def main(argv=None):
     else:
         model_path = args.model
     task = dataclasses.replace(data.TASKS[args.task], max_length=args.max_length)
-    model = load_model(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device,
-                       shard=shard_per_layer if args.fsdp else None)
     tok = load_tokenizer(model_path)
     # Methods that only evaluate read the target test split alone: XNLI's train file (392k items) is absent from
     # many local copies, and TyDiQA's validation split is carved out of its train file.
     splits = ("test",) if set(args.methods) <= set(EVAL_ONLY) else ("train", "validation", "test")
     if args.task == "tydiqa" and args.translations is None:  # not parallel: the base model translates it first
         args.translations = os.path.join(args.out, f"translations-{args.lang}.jsonl")
-        translate = lambda prompts, n: generate_text(model, tok, prompts, n, args, device)
-        for split in splits:
-            lost = data.translate_tydiqa(args.lang, split, translate, args.translations,
-                                         limit=args.max_train if split == "train" else args.max_eval,
-                                         seed=args.seed, data_dir=args.data_dir, write=rank0())
-            note(f"tydiqa {args.lang} {split}: translated into {args.translations}; {lost} items lost their answer "
-                 f"and are left out")
-        if world()[0] > 1:
-            dist.barrier()  # every process reads the translations below, once rank 0 has written them all
+        translate(base_model(model_path, device, args), tok, splits, args, device)
 
     def load(lang, split, limit):  # the demo's task is generated (synth.py), the real ones are read from files
         if args.task == "synth":
@@ -715,24 +735,12 @@ def main(argv=None):
         return data.load_pairs(args.task, lang, split, limit=limit, seed=args.seed, translations=args.translations,
                                data_dir=args.data_dir)
     target = {s: load(args.lang, s, args.max_train if s == "train" else args.max_eval) for s in splits}
+    stage1 = train_stage1(model_path, tok, task, load, args, device)
 
-    # Stage 1: the English task adapter, frozen and always on from here.
-    stage1 = args.stage1 or os.path.join(args.out, "stage1", "adapter")
-    if args.stage1 or args.resume and os.path.exists(os.path.join(stage1, "adapter.json")):
+    def with_stage1():  # the base with the English task adapter, frozen and always on from here
+        model = base_model(model_path, device, args)
         flare.load_adapter(model, stage1, name="task")
-        note(f"stage 1: reusing {stage1}")
-    else:
-        try:
-            english = {s: load("en", s, args.stage1_max_train if s == "train" else args.max_eval)
-                       for s in ("train", "validation")}
-        except FileNotFoundError as e:
-            raise MissingFile(f"{e} Stage 1 trains on the English train and validation splits; without them, "
-                              f"reuse a stage-1 adapter trained elsewhere: --stage1 <run>/stage1/adapter.") from e
-        torch.manual_seed(args.seed)
-        flare.add_lora(model, "task", args.rank, args.alpha, args.dropout)
-        train_adapter(model, tok, task, english["train"], english["validation"], "english", "task",
-                      args.stage1_lr, os.path.join(args.out, "stage1"), args, device)
-    model.requires_grad_(False)
+        return model.requires_grad_(False)
 
     results_path = os.path.join(args.out, "results.json")
     results = read_json(results_path, "delete it and rerun with --resume, which tests the trained methods again from "
@@ -741,13 +749,59 @@ def main(argv=None):
         if method in results:
             note(f"{method}: done before, kept")
             continue
-        results[method] = run_method(model, tok, task, target, method, args, device)
+        results[method] = run_method(with_stage1, tok, task, target, method, args, device)
         on_rank0(write_json, results, results_path)
     table = results_table(results, task, args)
     on_rank0(atomic_write, os.path.join(args.out, "results.md"), lambda tmp: pathlib.Path(tmp).write_text(table + "\n"))
     if rank0():
         print(table)
     return results
+
+
+def base_model(path, device, args):
+    """The base model, loaded afresh (sharded by --fsdp). Each adapter trains on a model of its own: FSDP2 fixes its
+    units at a model's first forward, so an adapter added to a model that has run could not be sharded; and no
+    method inherits anything of the one before. The last model goes first: DDP's and FSDP's hooks hold reference
+    cycles, which only the garbage collector breaks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return load_model(path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device,
+                      shard=shard_per_layer if args.fsdp else None)
+
+
+def translate(model, tok, splits, args, device):
+    """TyDiQA's English side, translated by the base model (data.translate_tydiqa) into args.translations."""
+    generate = lambda prompts, max_new_tokens: generate_text(model, tok, prompts, max_new_tokens, args, device)
+    for split in splits:
+        lost = data.translate_tydiqa(args.lang, split, generate, args.translations, seed=args.seed,
+                                     limit=args.max_train if split == "train" else args.max_eval,
+                                     data_dir=args.data_dir, write=rank0())
+        note(f"tydiqa {args.lang} {split}: translated into {args.translations}; {lost} items lost their answer and "
+             f"are left out")
+    if world()[0] > 1:
+        dist.barrier()  # every process reads the translations, once rank 0 has written them all
+
+
+def train_stage1(model_path, tok, task, load, args, device):
+    """Stage 1, the English task adapter: trained into <out>/stage1, or reused (--stage1, or this run's with
+    --resume). Returns the folder of the adapter."""
+    stage1 = args.stage1 or os.path.join(args.out, "stage1", "adapter")
+    if args.stage1 or args.resume and os.path.exists(os.path.join(stage1, "adapter.json")):
+        note(f"stage 1: reusing {stage1}")
+        return stage1
+    try:
+        english = {s: load("en", s, args.stage1_max_train if s == "train" else args.max_eval)
+                   for s in ("train", "validation")}
+    except FileNotFoundError as e:
+        raise MissingFile(f"{e} Stage 1 trains on the English train and validation splits; without them, reuse a "
+                          f"stage-1 adapter trained elsewhere: --stage1 <run>/stage1/adapter.") from e
+    model = base_model(model_path, device, args)
+    torch.manual_seed(args.seed)
+    flare.add_lora(model, "task", args.rank, args.alpha, args.dropout)
+    train_adapter(model, tok, task, english["train"], english["validation"], "english", "task", args.stage1_lr,
+                  os.path.dirname(stage1), args, device)
+    return stage1
 
 
 def results_table(results, task, args):

@@ -8,9 +8,9 @@ next to the cost model's estimate (bench.fsdp_per_gpu for --fsdp). Not yet run: 
 The model is built on the meta device, sharded as train.py --fsdp shards it (train.shard_per_layer), materialised on
 each process's device with random bf16 weights (bench.random_model: no download), given the stage-1 and a transfer
 adapter as train.py does, and trained for a few steps at XNLI's global batch (32 x 131), each process on its rows
-(train.batch_rows), DDP over the adapter (train.data_parallel), bf16 autocast. Rank 0 prints, per rank: the median
-step time, the peak CUDA memory and the estimate; then PASS if every process ends with the same adapter (DDP kept
-them in step), FAIL if not.
+(train.batch_rows), the adapters sharded by FSDP2 too (or DDP over them with --no-fsdp: train.parallel), bf16
+autocast. Rank 0 prints, per rank: the median step time, the peak CUDA memory and the estimate; then PASS if every
+process ends with the same adapter (gathered whole from its shards under FSDP), FAIL if not.
 """
 import argparse
 import dataclasses
@@ -43,9 +43,9 @@ def main():
     config = dataclasses.replace(config, num_layers=a.layers) if a.layers else config
     checkpointing, fsdp = not a.no_checkpointing, not a.no_fsdp
     m = bench.random_model(config, a.method, device, shard=train.shard_per_layer if fsdp else None)
+    net = train.parallel(m, device, argparse.Namespace(fsdp=fsdp))  # first: FSDP2 replaces the parameters
     params = flare.adapter_parameters(m, "transfer")
     opt = torch.optim.AdamW(params, lr=bench.LR)
-    net = train.data_parallel(m, device)
     args = bench.step_args("xnli", checkpointing, "bf16")
     b = bench.task_batch(a.method, "xnli", config.vocab_size)
     b, weight = train.batch_rows(b.map(lambda t: t.to(device)))
@@ -62,7 +62,7 @@ def main():
         bench.sync(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    adapter = sum(float(p.detach().double().sum()) for p in params)  # equal on every process if DDP kept them in step
+    adapter = sum(float(t.double().sum()) for t in flare.adapter_state(m, "transfer").values())  # the same on all
     rows = [None] * world
     dist.all_gather_object(rows, (rank, bench.median(times[1:] or times), peak, adapter))
     if rank == 0:

@@ -3,7 +3,8 @@
 For lora, flare and input-fusion, under DDP and under --fsdp (with --checkpointing): the per-step losses of stage 1
 and of each method equal one process's (relative 1e-4), the saved adapters are the same, and the split evaluation
 gives the same scores; a two-process run stopped by Ctrl-C and resumed reaches the same losses as the uninterrupted
-one; only rank 0 writes and pretrains; --fsdp shards the base (each process holds about half of its weights).
+one, under DDP and under --fsdp; only rank 0 writes and pretrains; --fsdp shards the base and the adapters (each
+process holds about half of their weights), DDP neither.
 """
 import json
 import os
@@ -109,16 +110,22 @@ def test_the_split_evaluation_scores_what_one_process_scores(mode, one, request)
     assert proc.stdout.count("| method |") == 1  # the table, printed by rank 0 alone
 
 
-def test_fsdp_shards_the_base_and_ddp_does_not(ddp, fsdp):
+@pytest.mark.parametrize("what", ["base", "adapter"])
+def test_fsdp_shards_the_base_and_the_adapters_and_ddp_does_not(what, ddp, fsdp):
+    """Each process's report (tests/torchrun_main.py) as each model is loaded (base) and as each adapter starts
+    training (adapter): under DDP every process holds all of them, under --fsdp about half, the two halves adding up
+    to the whole (plus the small tensors each keeps whole: the input norms)."""
     def held(proc):
-        lines = [line.split() for line in proc.stderr.splitlines() if " holds " in line]
-        return {int(w[1]): (int(w[3]), int(w[5])) for w in lines}
-    whole = held(ddp[1])
-    assert sorted(whole) == [0, 1] and all(h == n for h, n in whole.values())
+        lines = [line.split() for line in proc.stderr.splitlines() if line.endswith(f" {what} weights")]
+        assert {w[1] for w in lines} == {"0", "1"} and len(lines) % 2 == 0
+        return [(int(w[1]), int(w[3]), int(w[5])) for w in lines]
+    assert all(h == n for _, h, n in held(ddp[1]))
     shards = held(fsdp[1])
-    total = shards[0][1]
-    assert sorted(shards) == [0, 1] and shards[0][0] + shards[1][0] < 1.01 * total / 2 + total / 2
-    assert all(0.4 * total < h < 0.6 * total for h, _ in shards.values())
+    assert len(shards) == len(held(ddp[1])) and all(0.4 * n < h < 0.6 * n for _, h, n in shards)
+    halves = {}
+    for rank, h, n in shards:  # the two processes' reports in pairs, one report per model or adapter each
+        halves.setdefault(rank, []).append((h, n))
+    assert all(h0 + h1 <= 1.01 * n for (h0, n), (h1, _) in zip(halves[0], halves[1]))
 
 
 def test_only_rank_0_writes_the_logs(ddp, one):
@@ -134,6 +141,21 @@ def test_an_interrupted_two_process_run_resumes_to_the_same_losses(ddp, tiny_mod
     finished(torchrun(tmp_path, "--resume"))
     same_losses(ddp[0], tmp_path, rel=1e-6)
     same_adapters(ddp[0], tmp_path, rel=1e-6)
+
+
+def test_an_interrupted_fsdp_run_resumes_from_its_last_checkpoint_to_the_same_losses(fsdp, tiny_model, tmp_path):  # noqa: F811
+    """Under --fsdp a Ctrl-C saves nothing (saving gathers from every process, and each may be anywhere in its step):
+    the last periodic checkpoint, the adapter and the optimizer's moments gathered whole, is put back into each
+    process's rows."""
+    flags = ("--fsdp", "--checkpointing", "--save-every", "1")
+    stopped = torchrun(tmp_path, *flags, tiny=tiny_model, env={"FLARE_TEST_STOP_AT": "6"})  # lora's 2nd step
+    assert stopped.returncode != 0 and "interrupted at step 1; the last checkpoint (every 1 steps) stands" in \
+        stopped.stderr
+    assert torch.load(tmp_path / "lora" / "checkpoint.pt", weights_only=False)["step"] == 1
+
+    finished(torchrun(tmp_path, *flags, "--resume"))
+    same_losses(fsdp[0], tmp_path, rel=1e-6)
+    same_adapters(fsdp[0], tmp_path, rel=1e-6)
 
 
 def test_rank_0_alone_pretrains_the_demo_model(tmp_path):

@@ -1,7 +1,7 @@
 """train.cli as torchrun starts it, for tests/test_distributed.py, with three test hooks set from the environment:
 FLARE_TEST_STOP_AT=n raises Ctrl-C's KeyboardInterrupt in every process at the n-th training step of the run (all
 stages counted), FLARE_TEST_PRETRAIN_STEPS=n shortens the tiny model's pretraining, and every process reports on
-stderr whether it pretrained and how many of the base model's weights it holds."""
+stderr whether it pretrained, how many of the base model's weights it holds, and of the adapters as it trains them."""
 import os
 import sys
 
@@ -13,7 +13,8 @@ import synth  # noqa: E402
 import train  # noqa: E402
 
 RANK = os.environ.get("RANK", "0")
-real_step_batches, real_pretrain, real_load = train.step_batches, synth.pretrain_tiny, train.load_model
+real_step_batches, real_pretrain, real_load, real_parallel = (train.step_batches, synth.pretrain_tiny, train.load_model,
+                                                             train.parallel)
 steps = []
 
 
@@ -29,13 +30,26 @@ def pretrain_tiny(*args):
     return real_pretrain(*args)
 
 
+def held(params):
+    params = list(params)
+    return f"{sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)} of " \
+           f"{sum(p.numel() for p in params)}"
+
+
 def load_model(*args, **kwargs):
     model = real_load(*args, **kwargs)
-    held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
-    print(f"rank {RANK} holds {held} of {sum(p.numel() for p in model.parameters())} weights", file=sys.stderr)
+    print(f"rank {RANK} holds {held(model.parameters())} base weights", file=sys.stderr)
     return model
 
 
-train.step_batches, synth.pretrain_tiny, train.load_model = step_batches, pretrain_tiny, load_model
+def parallel(model, *args):
+    net = real_parallel(model, *args)
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    print(f"rank {RANK} holds {held(adapters)} adapter weights", file=sys.stderr)
+    return net
+
+
+train.step_batches, synth.pretrain_tiny, train.load_model, train.parallel = (step_batches, pretrain_tiny, load_model,
+                                                                             parallel)
 synth.PRETRAIN_STEPS = int(os.environ.get("FLARE_TEST_PRETRAIN_STEPS", synth.PRETRAIN_STEPS))
 train.cli()
