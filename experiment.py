@@ -4,6 +4,7 @@
     python experiment.py --budget full    # all of NusaX (500 train, 100 validation, 400 test), 3 epochs: a GPU
     python experiment.py --summary        # only the table, from the runs that have finished
     python experiment.py --seeds 1,2 & python experiment.py --seeds 100   # one process per core, on a larger machine
+    python experiment.py --seeds 2 --langs bug   # a seed split over processes, once its stage 1 has run (with jav)
 
 For each seed (100, 1, 2): stage 1 once, a LoRA on English NusaX; then for each target language (jav, sun, bug:
 Javanese and Sundanese are the two largest regional languages of Indonesia, with web text and Wikipedias of their
@@ -80,11 +81,18 @@ def parse_args(argv=None):
     p.add_argument("--runs", default=str(ROOT / "runs" / "experiment-nusax-gemma3-270m"), help="run folders")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="run only these of the seeds, comma-separated, "
                    "e.g. one process per core (they append to the same records, each its own runs)")
+    p.add_argument("--langs", default=",".join(LANGS), help="run only these of the target languages, comma-separated "
+                   f"(the seed's stage 1 and translate-test run with the first, {LANGS[0]}): a seed split over "
+                   "processes, once its stage 1 has run")
     p.add_argument("--summary", action="store_true", help="write and print the table only; run nothing")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     if not set(args.seeds) <= set(SEEDS):
         p.error(f"--seeds {args.seeds}: the experiment's seeds are {', '.join(map(str, SEEDS))}")
+    langs = args.langs.split(",")
+    if not set(langs) <= set(LANGS):
+        p.error(f"--langs {args.langs}: the experiment's languages are {', '.join(LANGS)}")
+    args.langs = [lang for lang in LANGS if lang in langs]
     suffix = "" if args.budget == "cpu" else f"-{args.budget}"
     args.records = ROOT / "experiment" / f"nusax-gemma3-270m{suffix}.jsonl"
     args.runs = os.path.join(args.runs, args.budget)
@@ -195,12 +203,13 @@ def experiment(args):
     model = args.model or model_folder()
     for seed in args.seeds:
         runs = os.path.join(args.runs, f"s{seed}")
-        if not done(LANGS[0], "zero-shot", None, seed):
+        first = LANGS[0] in args.langs
+        if first and not done(LANGS[0], "zero-shot", None, seed):
             stage1_and_zero_shot(args, model, records, seed)
-        if not done("all", "translate-test", None, seed):
+        if first and not done("all", "translate-test", None, seed):
             row, _, _ = run(args, model, os.path.join(runs, LANGS[0]), LANGS[0], seed, "translate-test")
             append_records(args.records, records, method_records(row, "all", seed))
-        for lang in LANGS:
+        for lang in args.langs:
             todo = [("zero-shot", None)] if lang != LANGS[0] else []  # the first language's ran with stage 1
             todo += [(method, lr) for method in ("lora", "flare") for lr in RATES]
             for method, lr in todo:

@@ -152,6 +152,20 @@ def test_each_result_row_records_the_seconds_its_training_and_testing_took(tiny_
         assert 3 * pause <= row["seconds"] < 4 * pause + 30
 
 
+def test_a_seed_split_over_languages_runs_each_run_once(fake_main, tmp_path, monkeypatch):
+    """--langs bug after --langs jav,sun on the same seed: the second runs bug's runs only, on the first's stage 1."""
+    monkeypatch.setattr(experiment, "ROOT", tmp_path)
+    seed = str(experiment.SEEDS[0])
+    experiment.main(args_for(tmp_path) + ["--seeds", seed, "--langs", "sun,jav"])
+    calls = len(fake_main)
+    experiment.main(args_for(tmp_path) + ["--seeds", seed, "--langs", "bug"])
+
+    later = [argv[argv.index("--lang") + 1] for argv in fake_main[calls:]]
+    assert later == ["bug"] * (2 + 2 * len(experiment.RATES)) and all("--stage1" in argv for argv in fake_main[calls:])
+    records = experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")
+    assert len(records) == experiment.EXPECTED // len(experiment.SEEDS) == len({experiment.key(r) for r in records})
+
+
 def test_two_processes_on_different_seeds_fill_one_record_file(fake_main, tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "ROOT", tmp_path)
     first, rest = experiment.SEEDS[0], experiment.SEEDS[1:]
