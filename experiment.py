@@ -276,6 +276,23 @@ def summary(records, budget):
     return "\n".join(head + lines)
 
 
+def every_run(records):
+    """One line per run made, in percent: the table's raw material, the dropped rates included."""
+    pct = lambda v: "" if v is None else f"{100 * v:.1f}"
+    head = ("run", "language", "seed", "lr", "val macro-F1", "test macro-F1", "test accuracy", "mismatched source",
+            "CPU s")
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    order = lambda r: (SEEDS.index(r["seed"]), r["language"], r["method"], r["rate"] or 0)
+    for r in sorted(records, key=order):
+        test = r["test"] or {}
+        dropped = " (dropped rate)" if r["method"] in ("lora", "flare") and r["rate"] not in RATES else ""
+        cells = (r["method"] + dropped, r["language"], r["seed"], "" if r["rate"] is None else f"{r['rate']:g}",
+                 pct(r.get("val_macro_f1")), pct(test.get("macro_f1")), pct(test.get("accuracy")),
+                 pct(r.get("mismatched_source_macro_f1")), f"{r['cpu_seconds']:.0f}")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not args.summary:
@@ -283,7 +300,7 @@ def main(argv=None):
     records = read_records(args.records)  # with what other processes (--seeds) recorded meanwhile
     table = summary(records, args.budget)
     args.records.parent.mkdir(exist_ok=True)
-    args.records.with_suffix(".md").write_text(table + "\n")
+    args.records.with_suffix(".md").write_text(f"{table}\n\nEvery run made (percent):\n\n{every_run(records)}\n")
     print(table)
 
 

@@ -73,6 +73,8 @@ def test_the_grid_runs_every_method_once_and_a_second_start_runs_nothing(fake_ma
     assert len(fake_main) == len(experiment.SEEDS) * (2 + (langs - 1) + langs * (2 * rates + 1))
     assert sum(1 for argv in fake_main if "--stage1" not in argv and "--resume" not in argv) == len(experiment.SEEDS)
     assert all(r["val_macro_f1"] == 0.7 and r["seconds"] == 0.0 for r in records if r["method"] == "stage1")
+    every = (tmp_path / "experiment" / "nusax-gemma3-270m.md").read_text().split("Every run made")[1]
+    assert sum(line.startswith("| ") for line in every.splitlines()) == 1 + len(records)  # a head, a line per run
 
     calls = len(fake_main)
     experiment.main(args_for(tmp_path))
