@@ -634,9 +634,7 @@ def random_model(config, method, device, shard=None):
         for name, p in m.named_parameters():
             local = p.to_local() if isinstance(p, DTensor) else p
             local.fill_(0.0 if config.norm_offset else 1.0) if "norm" in name else local.normal_(0.0, 0.02)
-        m.inv_freq = flare_model.rope_frequencies(config).to(device)  # computed buffers, fp32 as load_model keeps them
-        if config.sliding_rope_theta:
-            m.sliding_inv_freq = flare_model.rope_frequencies(config, sliding=True).to(device)
+        m.fill_rope(device)  # fp32, as load_model keeps them
         flare.add_lora(m, "task", RANK, ALPHA)
         for p in flare.adapter_parameters(m, "task"):
             p.normal_(0.0, 0.02)  # trained: lora_B no longer zero

@@ -367,9 +367,15 @@ class Transformer(nn.Module):
         self.model = Decoder(config)
         self.lm_head = (None if config.tie_word_embeddings
                         else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
-        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
-        if config.sliding_rope_theta:  # Gemma 3: the sliding layers' table
-            self.register_buffer("sliding_inv_freq", rope_frequencies(config, sliding=True), persistent=False)
+        self.fill_rope()
+
+    def fill_rope(self, device=None):
+        """The RoPE frequency tables: buffers computed from the config, never loaded, and kept in fp32 whatever the
+        weights' dtype, so filled again after .to(dtype) and after building on the meta device."""
+        self.register_buffer("inv_freq", rope_frequencies(self.config).to(device), persistent=False)
+        if self.config.sliding_rope_theta:  # Gemma 3: the sliding layers' table
+            sliding = rope_frequencies(self.config, sliding=True).to(device)
+            self.register_buffer("sliding_inv_freq", sliding, persistent=False)
 
     def forward(self, input_ids, attention_mask=None, source=None, cache=None, checkpoint=False, logits_at=None):
         """Logits (B, T, vocab) in fp32, or (B, K, vocab) at the positions logits_at asks for.
@@ -561,9 +567,7 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu", shard=None
     if shard is not None:
         shard(model)
     model = model.to_empty(device=device)  # uninitialised: every value comes from the checkpoint
-    model.inv_freq = rope_frequencies(config).to(device)  # computed buffers, not in the checkpoint, kept in fp32
-    if config.sliding_rope_theta:
-        model.sliding_inv_freq = rope_frequencies(config, sliding=True).to(device)
+    model.fill_rope(device)
     params = dict(model.named_parameters())
     missing, unexpected, skipped = set(params), [], {}
     for path in files:
