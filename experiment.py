@@ -42,8 +42,9 @@ Chosen: N = 64, E = 2 (8 steps of 16), V = 100, N1 = 256 (32 steps): 9 x (986 + 
 = 23,100 CPU seconds, about 6.4 CPU hours at this load, plus 39 model loads of a few seconds each. That is twice
 the three hours we aimed at: at three hours the same grid would leave 3 optimizer steps and 50 test items per run,
 too few to measure anything. The records hold each run's CPU seconds, so the total is measured, not estimated.
-Two processes (two seeds at once) ran here at half the speed each, no faster in all than one: the two cores are
-shared, and the model's weights are read from memory at every step.
+Two processes (two seeds, or a seed split by --langs) ran at half the speed each in the first session, no faster in
+all than one, while other jobs shared the cores; in later sessions each ran at about its CPU time (the records'
+seconds against CPU seconds), twice the throughput of one.
 --budget full is the paper's setting on all of NusaX (batch 32, 3 epochs, validation every tenth of a run).
 """
 import argparse
