@@ -24,9 +24,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from torch.distributed.tensor import DTensor
-
-from model import MissingFile, UsageError, compute_dtype, copy_rows, read_json
+from model import MissingFile, UsageError, compute_dtype, copy_rows, read_json, whole
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("q_proj", "v_proj")  # the paper fuses in the query and value adapters only
@@ -219,8 +217,7 @@ def adapter_config(model, name):
 
 def adapter_state(model, name):
     """A copy of adapter `name`'s tensors on the CPU, named by the linear they adapt. Tensors sharded by FSDP2
-    (DTensors) are gathered whole: then every process must call it."""
-    whole = lambda p: p.full_tensor() if isinstance(p, DTensor) else p
+    (DTensors) are gathered whole (model.whole): then every process must call it."""
     return {f"{path}.{n}": whole(p.detach()).to("cpu", copy=True) for path, m in adapters(model, name)
             for n, p in m.named_parameters() if not n.startswith("base.")}
 

@@ -610,6 +610,14 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu", shard=None
     return model.eval().requires_grad_(False)
 
 
+def whole(state):
+    """A tensor, or a (nested) dict of them, with FSDP2's shards (DTensors) gathered whole, as one process holds it:
+    then every process must call it."""
+    if isinstance(state, dict):
+        return {k: whole(v) for k, v in state.items()}
+    return state.full_tensor() if isinstance(state, DTensor) else state
+
+
 def copy_rows(param, stored):
     """Fills a parameter from a safetensors slice or a tensor: all of it, or of a parameter sharded by FSDP2 (a
     DTensor split by rows over the processes, as torch.chunk splits them) only this process's rows."""

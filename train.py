@@ -41,7 +41,7 @@ import data
 import flare
 import synth
 from flare import atomic_write, write_json
-from model import KVCache, MissingFile, UsageError, compute_dtype, load_model, load_tokenizer, read_json
+from model import KVCache, MissingFile, UsageError, compute_dtype, load_model, load_tokenizer, read_json, whole
 
 METHODS = ("flare", "lora", "input-fusion", "translate-test", "zero-shot")
 EVAL_ONLY = ("translate-test", "zero-shot")  # the stage-1 model as it is: no target training, no target train split
@@ -368,7 +368,7 @@ def batch_rows(b):
     return mine, labelled(mine) * world_size / labelled(b)
 
 
-def parallel(model, device, args):
+def parallel(model, device, fsdp=False):
     """The model as this process trains it: the model itself without torchrun. Under torchrun, DDP over the
     trainable adapter (gradients averaged over the processes during backward; the frozen rest, whole on every
     process, left out: nothing of it is broadcast or reduced). With --fsdp, each adapter of each linear becomes an
@@ -377,7 +377,7 @@ def parallel(model, device, args):
     its rows only. FSDP2 fixes its units at a model's first forward: this comes before it (see base_model)."""
     if world()[0] == 1:
         return model
-    if args.fsdp:
+    if fsdp:
         for m in model.modules():
             if isinstance(m, flare.LoRA):  # what it wraps is another unit's: the layer's or an earlier adapter's
                 fully_shard(m, ignored_params=set(m.base.parameters()))
@@ -508,7 +508,7 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
     checkpoints every --save-every steps and on Ctrl-C. With --resume it continues from folder/checkpoint.pt to
     the same losses."""
     os.makedirs(folder, exist_ok=True)
-    net = parallel(model, device, args)  # first: FSDP2 replaces the parameters by its shards
+    net = parallel(model, device, args.fsdp)  # first: FSDP2 replaces the parameters by its shards
     params = flare.adapter_parameters(model, name)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     per_epoch = math.ceil(len(train_pairs) / (args.batch_size * args.grad_accum))
@@ -560,11 +560,11 @@ def train_adapter(model, tok, task, train_pairs, val_pairs, method, name, lr, fo
             if step % args.save_every == 0 or step == total:
                 save_checkpoint(ckpt_path, model, name, opt, sched, step, best, best_state)
     except KeyboardInterrupt:
-        kept = "checkpoint saved"
         if args.fsdp:  # saving gathers from every process, and each may be anywhere in the step: the last one stands
             kept = f"the last checkpoint (every {args.save_every} steps) stands"
         else:
             save_checkpoint(ckpt_path, model, name, opt, sched, step, best, best_state)
+            kept = "checkpoint saved"
         progress.close()
         raise SystemExit(f"\ninterrupted at step {step}; {kept}. Continue with the same command and --resume."
                          if rank0() else 1)
@@ -639,13 +639,6 @@ def save_checkpoint(path, model, name, opt, sched, step, best, best_state):
              "scheduler": sched.state_dict(), "step": step, "best": best, "best_state": best_state}
     if rank0():
         atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def whole(state):
-    """A state dict with FSDP2's shards (DTensors) gathered whole, as one process holds it."""
-    if isinstance(state, dict):
-        return {k: whole(v) for k, v in state.items()}
-    return state.full_tensor() if isinstance(state, DTensor) else state
 
 
 def resume(ckpt_path, log_path, model, name, opt, sched):

@@ -43,7 +43,7 @@ def main():
     config = dataclasses.replace(config, num_layers=a.layers) if a.layers else config
     checkpointing, fsdp = not a.no_checkpointing, not a.no_fsdp
     m = bench.random_model(config, a.method, device, shard=train.shard_per_layer if fsdp else None)
-    net = train.parallel(m, device, argparse.Namespace(fsdp=fsdp))  # first: FSDP2 replaces the parameters
+    net = train.parallel(m, device, fsdp)  # first: FSDP2 replaces the parameters
     params = flare.adapter_parameters(m, "transfer")
     opt = torch.optim.AdamW(params, lr=bench.LR)
     args = bench.step_args("xnli", checkpointing, "bf16")
