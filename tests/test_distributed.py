@@ -31,13 +31,22 @@ STAGES = ("stage1", "lora", "flare", "input-fusion")
 
 
 def torchrun(out, *flags, env=None, tiny=None, base=FLAGS):
-    """train.cli in two processes (tests/torchrun_main.py) on base + flags; returns the completed process."""
+    """train.cli in two processes (tests/torchrun_main.py) on base + flags; returns the completed process. Each
+    process's report goes to out.reports/rank<r>.txt (see reports)."""
+    os.makedirs(f"{out}.reports", exist_ok=True)
     if tiny and not os.path.exists(os.path.join(out, "tiny-model")):
         shutil.copytree(tiny, os.path.join(out, "tiny-model"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "tests", "torchrun_main.py"), *base, "--out", str(out), *flags]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                               "FLARE_TEST_REPORTS": f"{out}.reports", **(env or {})})
+
+
+def reports(out):
+    """Each process's report lines (tests/torchrun_main.py), by rank."""
+    return {rank: open(f"{out}.reports/rank{rank}.txt").read().splitlines() for rank in (0, 1)
+            if os.path.exists(f"{out}.reports/rank{rank}.txt")}
 
 
 def finished(proc):
@@ -115,17 +124,15 @@ def test_fsdp_shards_the_base_and_the_adapters_and_ddp_does_not(what, ddp, fsdp)
     """Each process's report (tests/torchrun_main.py) as each model is loaded (base) and as each adapter starts
     training (adapter): under DDP every process holds all of them, under --fsdp about half, the two halves adding up
     to the whole (plus the small tensors each keeps whole: the input norms)."""
-    def held(proc):
-        lines = [line.split() for line in proc.stderr.splitlines() if line.endswith(f" {what} weights")]
-        assert {w[1] for w in lines} == {"0", "1"} and len(lines) % 2 == 0
-        return [(int(w[1]), int(w[3]), int(w[5])) for w in lines]
-    assert all(h == n for _, h, n in held(ddp[1]))
-    shards = held(fsdp[1])
-    assert len(shards) == len(held(ddp[1])) and all(0.4 * n < h < 0.6 * n for _, h, n in shards)
-    halves = {}
-    for rank, h, n in shards:  # the two processes' reports in pairs, one report per model or adapter each
-        halves.setdefault(rank, []).append((h, n))
-    assert all(h0 + h1 <= 1.01 * n for (h0, n), (h1, _) in zip(halves[0], halves[1]))
+    def held(out):  # per rank: (held, of) for each model or adapter in turn
+        return {rank: [(int(w[3]), int(w[5])) for w in map(str.split, lines) if w[-2:] == [what, "weights"]]
+                for rank, lines in reports(out).items()}
+    whole, shards = held(ddp[0]), held(fsdp[0])
+    assert whole.keys() == shards.keys() == {0, 1}
+    assert all(len(v) == len(whole[0]) > 0 for v in [*whole.values(), *shards.values()])
+    assert all(h == n for rank in whole for h, n in whole[rank])
+    assert all(0.4 * n < h < 0.6 * n for rank in shards for h, n in shards[rank])
+    assert all(h0 + h1 <= 1.01 * n and n == n1 for (h0, n), (h1, n1) in zip(shards[0], shards[1]))
 
 
 def test_only_rank_0_writes_the_logs(ddp, one):
@@ -159,8 +166,9 @@ def test_an_interrupted_fsdp_run_resumes_from_its_last_checkpoint_to_the_same_lo
 
 
 def test_rank_0_alone_pretrains_the_demo_model(tmp_path):
-    proc = finished(torchrun(tmp_path, "--methods", "zero-shot", env={"FLARE_TEST_PRETRAIN_STEPS": "2"}))
-    assert [line for line in proc.stderr.splitlines() if "pretrains" in line] == ["rank 0 pretrains"]
+    finished(torchrun(tmp_path, "--methods", "zero-shot", env={"FLARE_TEST_PRETRAIN_STEPS": "2"}))
+    assert [line for lines in reports(tmp_path).values() for line in lines if "pretrains" in line] == \
+        ["rank 0 pretrains"]
     assert (tmp_path / "tiny-model" / "model.safetensors").exists()
     assert "accuracy" in json.loads((tmp_path / "results.json").read_text())["zero-shot"]
 

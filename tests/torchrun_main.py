@@ -1,7 +1,8 @@
 """train.cli as torchrun starts it, for tests/test_distributed.py, with three test hooks set from the environment:
 FLARE_TEST_STOP_AT=n raises Ctrl-C's KeyboardInterrupt in every process at the n-th training step of the run (all
-stages counted), FLARE_TEST_PRETRAIN_STEPS=n shortens the tiny model's pretraining, and every process reports on
-stderr whether it pretrained, how many of the base model's weights it holds, and of the adapters as it trains them."""
+stages counted), FLARE_TEST_PRETRAIN_STEPS=n shortens the tiny model's pretraining, and every process reports, one
+line each in its own file FLARE_TEST_REPORTS/rank<r>.txt (on one shared stderr the two processes' lines can merge),
+whether it pretrained, how many of the base model's weights it holds, and of the adapters as it trains them."""
 import os
 import sys
 
@@ -18,6 +19,11 @@ real_step_batches, real_pretrain, real_load, real_parallel = (train.step_batches
 steps = []
 
 
+def report(line):
+    with open(os.path.join(os.environ["FLARE_TEST_REPORTS"], f"rank{RANK}.txt"), "a") as f:
+        f.write(line + "\n")
+
+
 def step_batches(*args):
     steps.append(args[1])
     if len(steps) == int(os.environ.get("FLARE_TEST_STOP_AT", 0)):
@@ -26,7 +32,7 @@ def step_batches(*args):
 
 
 def pretrain_tiny(*args):
-    print(f"rank {RANK} pretrains", file=sys.stderr)
+    report(f"rank {RANK} pretrains")
     return real_pretrain(*args)
 
 
@@ -38,14 +44,14 @@ def held(params):
 
 def load_model(*args, **kwargs):
     model = real_load(*args, **kwargs)
-    print(f"rank {RANK} holds {held(model.parameters())} base weights", file=sys.stderr)
+    report(f"rank {RANK} holds {held(model.parameters())} base weights")
     return model
 
 
 def parallel(model, *args):
     net = real_parallel(model, *args)
     adapters = [p for n, p in model.named_parameters() if "lora_" in n]
-    print(f"rank {RANK} holds {held(adapters)} adapter weights", file=sys.stderr)
+    report(f"rank {RANK} holds {held(adapters)} adapter weights")
     return net
 
 
