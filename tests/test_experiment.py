@@ -44,7 +44,7 @@ def fake_main(monkeypatch, tmp_path):
                 f.write(json.dumps({"step": 1, "val_macro_f1": 0.7}) + "\n" + json.dumps({"step": 2}) + "\n")
         rows = []
         for lr in ([None] if method in train.EVAL_ONLY else [float(x) for x in flag("--lr").split(",")]):
-            score = fake_score(lang, method, lr, seed)
+            score = fake_score(lang, method, lr, seed) + (0.07 if flag("--source") == "residual" else 0.0)
             row = {"method": method, "accuracy": score + 0.1, "macro_f1": score, "seconds": 0.0, "cpu_seconds": 0.0}
             if lr is not None:
                 row |= {"lr": lr, "val_macro_f1": score}
@@ -90,6 +90,28 @@ def test_input_fusion_runs_at_the_rate_lora_chose_on_validation(fake_main, tmp_p
              for argv in fusion}
     first, second = (f"{lr:g}" for lr in experiment.RATES)
     assert rates[("sun", "1")] == second and rates[("jav", "1")] == first and len(rates) == 9
+
+
+def test_the_residual_source_runs_once_per_language_and_seed_at_the_rate_flare_chose(fake_main, tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "ROOT", tmp_path)
+    experiment.main(args_for(tmp_path))
+    calls = len(fake_main)
+    experiment.main(args_for(tmp_path) + ["--residual-source"])  # after the grid: the ablation alone
+
+    residual = fake_main[calls:]
+    flag = lambda argv, name: argv[argv.index(name) + 1]
+    assert len(residual) == len(experiment.SEEDS) * len(experiment.LANGS)
+    assert all(flag(argv, "--source") == "residual" and flag(argv, "--methods") == "flare" for argv in residual)
+    first, second = (f"{lr:g}" for lr in experiment.RATES)  # flare is best at the second rate on sun only
+    assert all(flag(argv, "--lr") == (second if flag(argv, "--lang") == "sun" else first) for argv in residual)
+    table = (tmp_path / "experiment" / "nusax-gemma3-270m.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| flare, residual source |"))
+    jav = [fake_score("jav", "flare", experiment.RATES[0], s) + 0.07 for s in experiment.SEEDS]
+    assert row.split("|")[2].strip() == f"{100 * statistics.mean(jav):.1f} ± {100 * statistics.stdev(jav):.1f}"
+    assert f"{experiment.EXPECTED} of {experiment.EXPECTED} runs" in table and "PARTIAL" not in table
+
+    experiment.main(args_for(tmp_path) + ["--residual-source"])
+    assert len(fake_main) == calls + len(residual)
 
 
 def test_an_interrupted_grid_goes_on_where_it_stopped(fake_main, tmp_path, monkeypatch):
