@@ -827,7 +827,8 @@ def cli(argv=None):
         sys.exit("flare: interrupted; continue with the same command and --resume")
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            gc.collect()  # the last model's FSDP and DDP state (in reference cycles) goes while Python can free it:
+            dist.destroy_process_group()  # left to the interpreter's exit, gloo's teardown can abort (SIGABRT)
 
 
 if __name__ == "__main__":
