@@ -3,7 +3,7 @@
     python experiment.py                  # the CPU budget below; run it again to continue after an interruption
     python experiment.py --budget full    # all of NusaX (500 train, 100 validation, 400 test), 3 epochs: a GPU
     python experiment.py --summary        # only the table, from the runs that have finished
-    python experiment.py --residual-source   # also FLARE on the residual stream, the public code's source
+    python experiment.py --ablations residual,epochs4   # then FLARE on the residual stream; both with 4 epochs
     python experiment.py --seeds 1,2 & python experiment.py --seeds 100   # one process per core, on a larger machine
     python experiment.py --seeds 2 --langs bug   # a seed split over processes, once its stage 1 has run (with jav)
 
@@ -17,9 +17,10 @@ test items, is the same for every target language (language "all" in the records
 the better of their two rates on validation, per language and seed; nothing is chosen on test. The two rates: on
 the first language and seed, 1e-3 scored best on validation for both methods out of 1e-3, 2e-3 and 3e-3 (3e-3
 diverged), so the grid is 5e-4 and 1e-3; the runs at the dropped rates stay in the records, and are not chosen.
---residual-source adds an ablation beside the grid: FLARE with the residual stream as its source (train.py --source
-residual, what the public code fuses; the default is the normalised q/v input) at the rate FLARE chose on
-validation, per language and seed (one rate, for the budget), recorded as method flare-residual.
+--ablations adds runs beside the grid, each at the rate its method chose on validation per language and seed (one
+rate, for the budget), recorded as <method>-<ablation>: residual is FLARE with the residual stream as its source
+(train.py --source residual, what the public code fuses; the default is the normalised q/v input), epochs4 is LoRA
+and FLARE trained for 4 epochs instead of 2.
 
 Each run is train.main (in this process) into its own folder under runs/experiment-nusax-gemma3-270m/<budget>/
 (gitignored: run folders hold adapters and checkpoints): s<seed>/jav/ holds the seed's stage 1 (trained with jav's
@@ -74,6 +75,11 @@ BUDGETS = {  # train.py flags per budget; see the docstring for the arithmetic
     "full": {"--batch-size": 32, "--epochs": 3},
 }
 METRICS = ("macro_f1", "accuracy")
+GRID = ("stage1", "zero-shot", "translate-test", "lora", "flare", "input-fusion")
+ABLATIONS = {  # name: (what the table calls it, [(method, its train.py flags, after the budget's: the last wins)])
+    "residual": ("residual source", [("flare", ("--source", "residual"))]),
+    "epochs4": ("4 epochs", [("lora", ("--epochs", "4")), ("flare", ("--epochs", "4"))]),
+}
 
 
 def parse_args(argv=None):
@@ -89,8 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--langs", default=",".join(LANGS), help="run only these of the target languages, comma-separated "
                    f"(the seed's stage 1 and translate-test run with the first, {LANGS[0]}): a seed split over "
                    "processes, once its stage 1 has run")
-    p.add_argument("--residual-source", action="store_true", help="also FLARE with the public code's source, the "
-                   "residual stream (train.py --source residual), at the rate FLARE chose on validation")
+    p.add_argument("--ablations", default="", help="also these runs beside the grid, comma-separated, each at the "
+                   f"rate its method chose on validation: {', '.join(ABLATIONS)} (see above)")
     p.add_argument("--summary", action="store_true", help="write and print the table only; run nothing")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -100,6 +106,9 @@ def parse_args(argv=None):
     if not set(langs) <= set(LANGS):
         p.error(f"--langs {args.langs}: the experiment's languages are {', '.join(LANGS)}")
     args.langs = [lang for lang in LANGS if lang in langs]
+    args.ablations = [a for a in args.ablations.split(",") if a]
+    if not set(args.ablations) <= set(ABLATIONS):
+        p.error(f"--ablations {','.join(args.ablations)}: the ablations are {', '.join(ABLATIONS)}")
     suffix = "" if args.budget == "cpu" else f"-{args.budget}"
     args.records = ROOT / "experiment" / f"nusax-gemma3-270m{suffix}.jsonl"
     args.runs = os.path.join(args.runs, args.budget)
@@ -154,9 +163,9 @@ def method_records(row, language, seed):
 def run(args, model, out, lang, seed, method, lr=None, stage1=None, flags=()):
     """train.main for one method (at one rate, if it trains) into out (adding it to the run there, or continuing
     it), with train.py's flags beside the budget's; returns its row and this call's seconds."""
-    argv = [*flags, "--model", model, "--task", "nusax", "--lang", lang, "--methods", method, "--seed", str(seed),
+    argv = ["--model", model, "--task", "nusax", "--lang", lang, "--methods", method, "--seed", str(seed),
             "--stage1-lr", f"{STAGE1_RATE:g}", "--data-dir", args.data_dir, "--out", out,
-            *[str(x) for kv in BUDGETS[args.budget].items() for x in kv]]
+            *[str(x) for kv in BUDGETS[args.budget].items() for x in kv], *flags]
     if lr is not None:
         argv += ["--lr", f"{lr:g}"]
     if stage1:
@@ -230,12 +239,14 @@ def experiment(args):
                 row, _, _ = run(args, model, os.path.join(runs, f"{lang}-input-fusion-lr{rate:g}"), lang, seed,
                                 "input-fusion", rate, stage1_adapter(args, model, records, seed))
                 append_records(args.records, records, method_records(row, lang, seed))
-            rate = best_rate(records, lang, "flare", seed)
-            if args.residual_source and not done(lang, "flare-residual", rate, seed):
-                row, _, _ = run(args, model, os.path.join(runs, f"{lang}-flare-residual-lr{rate:g}"), lang, seed,
-                                "flare", rate, stage1_adapter(args, model, records, seed), ("--source", "residual"))
-                append_records(args.records, records, [{**r, "method": "flare-residual"}
-                                                       for r in method_records(row, lang, seed)])
+            for ablation in args.ablations:
+                for method, flags in ABLATIONS[ablation][1]:
+                    rate, name = best_rate(records, lang, method, seed), f"{method}-{ablation}"
+                    if not done(lang, name, rate, seed):
+                        row, _, _ = run(args, model, os.path.join(runs, f"{lang}-{name}-lr{rate:g}"), lang, seed,
+                                        method, rate, stage1_adapter(args, model, records, seed), flags)
+                        append_records(args.records, records, [{**r, "method": name}
+                                                               for r in method_records(row, lang, seed)])
     return records
 
 
@@ -267,13 +278,13 @@ def summary(records, budget):
             ("lora", "lora", lambda r: r["test"]), ("flare", "flare", lambda r: r["test"]),
             ("flare, mismatched source", "flare", lambda r: {"macro_f1": r["mismatched_source_macro_f1"]}),
             ("input-fusion", "input-fusion", lambda r: r["test"])]
-    if any(r["method"] == "flare-residual" for r in records):
-        rows.append(("flare, residual source", "flare-residual", lambda r: r["test"]))
-    done = sum(1 for r in records if r["method"] != "flare-residual"  # an ablation beside the grid
-               and (r["method"] not in ("lora", "flare") or r["rate"] in RATES))
-    cpu = sum(r["cpu_seconds"] for r in records)  # every run made, those at dropped rates too
+    rows += [(f"{method}, {label}", f"{method}-{ablation}", lambda r: r["test"]) for ablation, (label, runs)
+             in ABLATIONS.items() for method, _ in runs if any(r["method"] == f"{method}-{ablation}" for r in records)]
+    done = sum(1 for r in records if r["method"] in GRID and (r["method"] not in ("lora", "flare")
+                                                              or r["rate"] in RATES))
+    cpu = sum(r["cpu_seconds"] for r in records)  # every run made, at dropped rates and in ablations too
     head = [f"Gemma 3 270M base on NusaX-senti, budget {budget}: {done} of {EXPECTED} runs finished, "
-            f"{cpu / 3600:.2f} CPU hours in all runs made (at dropped rates too)."
+            f"{cpu / 3600:.2f} CPU hours in all runs made (at dropped rates and in ablations too)."
             + ("" if done == EXPECTED else " PARTIAL: not the final result."),
             "Test macro-F1 and accuracy, mean ± sample standard deviation over seeds (n = seeds finished); lora and "
             "flare each at the better of their rates on validation per seed; translate-test reads the same English "

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import experiment
+import flare
 import train
 from test_train import run, tiny_model  # noqa: F401 (tiny_model is a fixture)
 
@@ -40,6 +41,8 @@ def fake_main(monkeypatch, tmp_path):
             open(os.path.join(out, "args.json"), "w").write("{}")
         if flag("--stage1") is None and not os.path.exists(os.path.join(out, "stage1")):
             os.makedirs(os.path.join(out, "stage1", "adapter"))
+            config = {k: None for k in flare.ADAPTER_KEYS}  # a plain LoRA's (fusion None), as --stage1 checks
+            open(os.path.join(out, "stage1", "adapter", "adapter.json"), "w").write(json.dumps(config))
             with open(os.path.join(out, "stage1", "log.jsonl"), "w") as f:
                 f.write(json.dumps({"step": 1, "val_macro_f1": 0.7}) + "\n" + json.dumps({"step": 2}) + "\n")
         rows = []
@@ -92,26 +95,30 @@ def test_input_fusion_runs_at_the_rate_lora_chose_on_validation(fake_main, tmp_p
     assert rates[("sun", "1")] == second and rates[("jav", "1")] == first and len(rates) == 9
 
 
-def test_the_residual_source_runs_once_per_language_and_seed_at_the_rate_flare_chose(fake_main, tmp_path, monkeypatch):
+def test_each_ablation_runs_once_per_language_and_seed_at_the_rate_its_method_chose(fake_main, tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "ROOT", tmp_path)
     experiment.main(args_for(tmp_path))
     calls = len(fake_main)
-    experiment.main(args_for(tmp_path) + ["--residual-source"])  # after the grid: the ablation alone
+    experiment.main(args_for(tmp_path) + ["--ablations", "residual,epochs4"])  # after the grid: the ablations alone
 
-    residual = fake_main[calls:]
-    flag = lambda argv, name: argv[argv.index(name) + 1]
-    assert len(residual) == len(experiment.SEEDS) * len(experiment.LANGS)
-    assert all(flag(argv, "--source") == "residual" and flag(argv, "--methods") == "flare" for argv in residual)
-    first, second = (f"{lr:g}" for lr in experiment.RATES)  # flare is best at the second rate on sun only
-    assert all(flag(argv, "--lr") == (second if flag(argv, "--lang") == "sun" else first) for argv in residual)
+    ablations = [(argv, train.parse_args(argv)) for argv in fake_main[calls:]]  # what train.py makes of the flags
+    pairs = len(experiment.SEEDS) * len(experiment.LANGS)
+    residual = [(argv, a) for argv, a in ablations if a.source == "residual"]
+    assert len(residual) == pairs and all(a.methods == ["flare"] and a.epochs == 2 for _, a in residual)
+    longer = [a for _, a in ablations if a.epochs == 4]
+    assert sorted(m for a in longer for m in a.methods) == ["flare"] * pairs + ["lora"] * pairs
+    assert len(ablations) == 3 * pairs and all(a.source == "normed" for a in longer)
+    first, second = experiment.RATES  # flare and lora are best at the second rate on sun only
+    assert all(float(a.lr) == (second if a.lang == "sun" else first) for _, a in ablations)  # --lr is a list
     table = (tmp_path / "experiment" / "nusax-gemma3-270m.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| flare, residual source |"))
     jav = [fake_score("jav", "flare", experiment.RATES[0], s) + 0.07 for s in experiment.SEEDS]
     assert row.split("|")[2].strip() == f"{100 * statistics.mean(jav):.1f} ± {100 * statistics.stdev(jav):.1f}"
+    assert any(line.startswith("| lora, 4 epochs |") for line in table.splitlines())
     assert f"{experiment.EXPECTED} of {experiment.EXPECTED} runs" in table and "PARTIAL" not in table
 
-    experiment.main(args_for(tmp_path) + ["--residual-source"])
-    assert len(fake_main) == calls + len(residual)
+    experiment.main(args_for(tmp_path) + ["--ablations", "residual,epochs4"])
+    assert len(fake_main) == calls + len(ablations)
 
 
 def test_an_interrupted_grid_goes_on_where_it_stopped(fake_main, tmp_path, monkeypatch):
