@@ -29,7 +29,7 @@ def fake_score(lang, method, lr, seed):
 @pytest.fixture
 def fake_main(monkeypatch, tmp_path):
     """train.main replaced by a stand-in; returns the list of argv it was called with."""
-    calls = []
+    calls, stage1s = [], {}
 
     def main(argv):
         calls.append(argv)
@@ -43,8 +43,10 @@ def fake_main(monkeypatch, tmp_path):
             os.makedirs(os.path.join(out, "stage1", "adapter"))
             config = {k: None for k in flare.ADAPTER_KEYS}  # a plain LoRA's (fusion None), as --stage1 checks
             open(os.path.join(out, "stage1", "adapter", "adapter.json"), "w").write(json.dumps(config))
+            stage1s[seed] = stage1s.get(seed, -1) + 1  # trained again (a lost folder), it scores 1 point more
             with open(os.path.join(out, "stage1", "log.jsonl"), "w") as f:
-                f.write(json.dumps({"step": 1, "val_macro_f1": 0.7}) + "\n" + json.dumps({"step": 2}) + "\n")
+                f.write(json.dumps({"step": 1, "val_macro_f1": 0.7 + 0.01 * stage1s[seed]}) + "\n"
+                        + json.dumps({"step": 2}) + "\n")
         rows = []
         for lr in ([None] if method in train.EVAL_ONLY else [float(x) for x in flag("--lr").split(",")]):
             score = fake_score(lang, method, lr, seed) + (0.07 if flag("--source") == "residual" else 0.0)
@@ -99,7 +101,7 @@ def test_each_ablation_runs_once_per_language_and_seed_at_the_rate_its_method_ch
     monkeypatch.setattr(experiment, "ROOT", tmp_path)
     experiment.main(args_for(tmp_path))
     calls = len(fake_main)
-    experiment.main(args_for(tmp_path) + ["--ablations", "residual,epochs4"])  # after the grid: the ablations alone
+    experiment.main(args_for(tmp_path) + ["--ablations", "residual,epochs4,again"])  # after the grid: these alone
 
     ablations = [(argv, train.parse_args(argv)) for argv in fake_main[calls:]]  # what train.py makes of the flags
     pairs = len(experiment.SEEDS) * len(experiment.LANGS)
@@ -107,7 +109,10 @@ def test_each_ablation_runs_once_per_language_and_seed_at_the_rate_its_method_ch
     assert len(residual) == pairs and all(a.methods == ["flare"] and a.epochs == 2 for _, a in residual)
     longer = [a for _, a in ablations if a.epochs == 4]
     assert sorted(m for a in longer for m in a.methods) == ["flare"] * pairs + ["lora"] * pairs
-    assert len(ablations) == 3 * pairs and all(a.source == "normed" for a in longer)
+    assert all(a.source == "normed" for a in longer)
+    again = [a for _, a in ablations if a.epochs == 2 and a.source == "normed"]  # the budget's flags, unchanged
+    assert sorted(m for a in again for m in a.methods) == ["flare"] * pairs + ["lora"] * pairs
+    assert len(ablations) == 5 * pairs
     first, second = experiment.RATES  # flare and lora are best at the second rate on sun only
     assert all(float(a.lr) == (second if a.lang == "sun" else first) for _, a in ablations)  # --lr is a list
     table = (tmp_path / "experiment" / "nusax-gemma3-270m.md").read_text()
@@ -117,7 +122,7 @@ def test_each_ablation_runs_once_per_language_and_seed_at_the_rate_its_method_ch
     assert any(line.startswith("| lora, 4 epochs |") for line in table.splitlines())
     assert f"{experiment.EXPECTED} of {experiment.EXPECTED} runs" in table and "PARTIAL" not in table
 
-    experiment.main(args_for(tmp_path) + ["--ablations", "residual,epochs4"])
+    experiment.main(args_for(tmp_path) + ["--ablations", "residual,epochs4,again"])
     assert len(fake_main) == calls + len(ablations)
 
 
@@ -226,4 +231,14 @@ def test_a_lost_run_folder_trains_stage_1_again_only_for_the_runs_still_to_come(
     assert again == [["zero-shot", "jav"], ["lora", "sun"], ["lora", "sun"]]  # stage 1 in its first run, then
     # the runs that need it, one per rate
     records = experiment.read_records(path)
-    assert len(records) == experiment.EXPECTED == len({experiment.key(r) for r in records})
+    assert len({experiment.key(r) for r in records if r["method"] != "stage1-again"}) == experiment.EXPECTED
+    again = [r for r in records if r["method"] == "stage1-again"]  # recorded beside the first, which stays
+    assert [(r["seed"], r["val_macro_f1"]) for r in again] == [(seed, 0.71)]
+    assert [r["val_macro_f1"] for r in records if r["method"] == "stage1" and r["seed"] == seed] == [0.7]
+    read = lambda r: (r["language"], r["method"], r["seed"], r["stage1_val_macro_f1"])
+    assert sorted(read(r) for r in records if r["seed"] == seed and r.get("stage1_val_macro_f1") == 0.71) == \
+        [("sun", "lora", seed, 0.71)] * len(experiment.RATES)  # each record names the stage 1 it read
+    assert all(r["stage1_val_macro_f1"] == 0.7 for r in records if r["method"] not in ("stage1", "stage1-again")
+               and r["stage1_val_macro_f1"] != 0.71)
+    table = (tmp_path / "experiment" / "nusax-gemma3-270m.md").read_text()
+    assert "PARTIAL" not in table and "| stage1-again | en |" in table
