@@ -321,6 +321,36 @@ def summary(records, budget):
     return "\n".join(head + lines)
 
 
+DIFFERENCES = (  # (a, b): a minus b in each language and seed where both ran; "control" is FLARE's mismatched source
+    ("flare", "lora"), ("flare", "control"), ("input-fusion", "lora"), ("input-fusion", "translate-test"),
+    ("flare-residual", "flare"), ("lora-epochs4", "lora"), ("flare-epochs4", "flare"),
+    ("flare-epochs4", "lora-epochs4"), ("lora-again", "lora"), ("flare-again", "flare"), ("flare-again", "lora-again"),
+    ("flare-residual", "flare-again"), ("lora-epochs4", "lora-again"), ("flare-epochs4", "flare-again"))
+
+
+def test_f1(records, language, method, seed):
+    """The test macro-F1 that counts for (language, method, seed), or None if it has not run."""
+    r = chosen(records, "all" if method == "translate-test" else language, "flare" if method == "control" else method,
+               seed)
+    return None if r is None else r["mismatched_source_macro_f1"] if method == "control" else r["test"]["macro_f1"]
+
+
+def differences(records):
+    """Paired differences in test macro-F1 (points), per language and seed, with their mean and sign count."""
+    pairs = [(lang, seed) for lang in LANGS for seed in SEEDS]
+    lines = ["| test macro-F1, a - b | " + " | ".join(f"{lang} {seed}" for lang, seed in pairs) + " | mean | a ahead |",
+             "|---" * (len(pairs) + 3) + "|"]
+    for a, b in DIFFERENCES:
+        d = [(x - y) * 100 if x is not None and y is not None else None
+             for x, y in (((test_f1(records, lang, a, seed), test_f1(records, lang, b, seed)) for lang, seed in pairs))]
+        got = [v for v in d if v is not None]
+        if got:
+            cells = ["" if v is None else f"{v:+.1f}" for v in d]
+            lines.append(f"| {a} - {b} | " + " | ".join(cells) + f" | {statistics.mean(got):+.1f} | "
+                         f"{sum(v > 0 for v in got)} of {len(got)} |")
+    return "\n".join(lines)
+
+
 def every_run(records):
     """One line per run made, in percent: the table's raw material, the dropped rates included."""
     pct = lambda v: "" if v is None else f"{100 * v:.1f}"
@@ -345,7 +375,9 @@ def main(argv=None):
     records = read_records(args.records)  # with what other processes (--seeds) recorded meanwhile
     table = summary(records, args.budget)
     args.records.parent.mkdir(exist_ok=True)
-    args.records.with_suffix(".md").write_text(f"{table}\n\nEvery run made (percent):\n\n{every_run(records)}\n")
+    args.records.with_suffix(".md").write_text(f"{table}\n\nPaired differences (points; a run pairs with the run of "
+                                               f"the same language and seed):\n\n{differences(records)}\n\n"
+                                               f"Every run made (percent):\n\n{every_run(records)}\n")
     print(table)
 
 

@@ -160,6 +160,20 @@ def test_the_table_takes_each_seed_at_its_best_rate_on_validation(fake_main, tmp
     assert "PARTIAL" not in table and f"{experiment.EXPECTED} of {experiment.EXPECTED} runs" in table
 
 
+def test_the_paired_differences_subtract_the_runs_of_one_language_and_seed(fake_main, tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "ROOT", tmp_path)
+    experiment.main(args_for(tmp_path) + ["--ablations", "residual"])
+    lines = (tmp_path / "experiment" / "nusax-gemma3-270m.md").read_text().splitlines()
+    row = lambda name: [c.strip() for c in next(ln for ln in lines if ln.startswith(f"| {name} |")).split("|")[2:-1]]
+
+    pairs = [(lang, seed) for lang in experiment.LANGS for seed in experiment.SEEDS]
+    best = lambda lang: experiment.RATES[1] if lang == "sun" else experiment.RATES[0]  # on validation, as fake_score
+    control = [100 * (fake_score(lang, "flare", best(lang), seed) - 0.2) for lang, seed in pairs]
+    assert row("flare - control") == [f"{v:+.1f}" for v in control] + [f"{statistics.mean(control):+.1f}", "9 of 9"]
+    assert row("flare-residual - flare") == ["+7.0"] * len(pairs) + ["+7.0", f"{len(pairs)} of {len(pairs)}"]
+    assert not any(ln.startswith("| lora-epochs4 - lora |") for ln in lines)  # not run: no row
+
+
 def test_a_partial_table_says_so_and_counts_the_seeds(fake_main, tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "ROOT", tmp_path)
     experiment.main(args_for(tmp_path))
