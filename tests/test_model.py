@@ -147,6 +147,22 @@ def test_load_model_casts_weights_to_the_requested_dtype_and_keeps_rope_in_fp32(
     assert ours.inv_freq.dtype == torch.float32
 
 
+@pytest.mark.parametrize("offset", [False, True], ids=["llama", "gemma"])
+def test_rms_norm_keeps_one_fp32_copy_of_a_bf16_input_for_backward(offset):
+    norm = model.RMSNorm(64, 1e-6, offset).to(torch.bfloat16).requires_grad_(False)  # frozen, as in training
+    x = torch.randn(4, 8, 64, dtype=torch.bfloat16, requires_grad=True)
+    kept = {}  # storage -> bytes, of what autograd keeps for backward
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = norm(x)
+    y.sum().backward()  # and backward still runs
+    fp32_input, rows = 4 * x.numel(), 4 * 4 * 8  # one fp32 copy, and the fp32 rsqrt per row
+    assert fp32_input <= sum(kept.values()) <= fp32_input + rows + 4 * 64 + 2 * 64  # + the weight, fp32 and bf16
+
+
 def test_gemma2_test_model_reaches_both_softcaps(tmp_path, monkeypatch):
     """The Gemma 2 comparisons above prove the soft-caps only if scores and logits come near the caps."""
     hf = tiny_hf_model("gemma2")
