@@ -85,7 +85,7 @@ GRID = ("stage1", "zero-shot", "translate-test", "lora", "flare", "input-fusion"
 ABLATIONS = {  # name: (what the table calls it, [(method, its train.py flags, after the budget's: the last wins)])
     "residual": ("residual source", [("flare", ("--source", "residual"))]),
     "epochs4": ("4 epochs", [("lora", ("--epochs", "4")), ("flare", ("--epochs", "4"))]),
-    "again": ("again", [("lora", ()), ("flare", ())]),  # the grid's run once more, on the stage 1 of the others
+    "again": ("again", [("lora", ()), ("flare", ())]),  # the grid's runs once more: do they repeat?
 }
 
 
@@ -160,10 +160,11 @@ def append_records(path, records, new, every=False):
 def method_records(row, language, seed, stage1=None):
     """train.run_method's row for one method as one record per rate, with the validation score of the stage-1
     adapter it read (a seed's stage 1 is trained again when its folder is lost, and need not score the same)."""
+    stage1_val = stage1_score(stage1) if stage1 else None
     record = lambda r: {"language": language, "method": r["method"], "rate": r.get("lr"), "seed": seed,
                         "val_macro_f1": r.get("val_macro_f1"), "test": {m: r[m] for m in METRICS},
                         "mismatched_source_macro_f1": r.get("mismatched_source_macro_f1"),
-                        "stage1_val_macro_f1": stage1_score(stage1) if stage1 else None,
+                        "stage1_val_macro_f1": stage1_val,
                         "seconds": round(r["seconds"], 1), "cpu_seconds": round(r["cpu_seconds"], 1)}
     return [record(r) for r in row.get("runs", [row])]
 
@@ -210,7 +211,7 @@ def stage1_and_zero_shot(args, model, records, seed):
     """Stage 1 of a seed, trained in its first run (zero-shot on the first language), recorded with that run."""
     home = os.path.join(args.runs, f"s{seed}", LANGS[0])
     row, wall, cpu = run(args, model, home, LANGS[0], seed, "zero-shot")
-    adapter = os.path.join(home, "stage1", "adapter")
+    adapter = os.path.join(home, "stage1", "adapter")  # the path stage1_adapter returns
     stage = {"language": "en", "method": "stage1", "rate": STAGE1_RATE, "seed": seed,
              "val_macro_f1": stage1_score(adapter), "test": None,
              "seconds": round(wall - row["seconds"], 1), "cpu_seconds": round(cpu - row["cpu_seconds"], 1)}
@@ -230,6 +231,14 @@ def stage1_adapter(args, model, records, seed):
     return path
 
 
+def run_recorded(args, model, records, seed, lang, method, rate, folder, flags=(), name=None):
+    """One run that reads the seed's stage 1 (trained again first if its folder is lost), recorded as name."""
+    stage1 = stage1_adapter(args, model, records, seed)
+    row, _, _ = run(args, model, os.path.join(args.runs, f"s{seed}", folder), lang, seed, method, rate, stage1, flags)
+    append_records(args.records, records, [{**r, "method": name or r["method"]}
+                                           for r in method_records(row, lang, seed, stage1)])
+
+
 def experiment(args):
     records = read_records(args.records)
     done = lambda *k: k in {key(r) for r in records}
@@ -239,34 +248,26 @@ def experiment(args):
         first = LANGS[0] in args.langs
         if first and not done(LANGS[0], "zero-shot", None, seed):
             stage1_and_zero_shot(args, model, records, seed)
-        if first and not done("all", "translate-test", None, seed):
+        if first and not done("all", "translate-test", None, seed):  # in stage 1's folder: no --stage1
+            stage1 = stage1_adapter(args, model, records, seed)  # trained again (and recorded) if lost
             row, _, _ = run(args, model, os.path.join(runs, LANGS[0]), LANGS[0], seed, "translate-test")
-            stage1 = stage1_adapter(args, model, records, seed)
             append_records(args.records, records, method_records(row, "all", seed, stage1))
         for lang in args.langs:
             todo = [("zero-shot", None)] if lang != LANGS[0] else []  # the first language's ran with stage 1
             todo += [(method, lr) for method in ("lora", "flare") for lr in RATES]
             for method, lr in todo:
                 if not done(lang, method, lr, seed):
-                    out = os.path.join(runs, lang if lr is None else f"{lang}-{method}-lr{lr:g}")
-                    stage1 = stage1_adapter(args, model, records, seed)
-                    row, _, _ = run(args, model, out, lang, seed, method, lr, stage1)
-                    append_records(args.records, records, method_records(row, lang, seed, stage1))
+                    folder = lang if lr is None else f"{lang}-{method}-lr{lr:g}"
+                    run_recorded(args, model, records, seed, lang, method, lr, folder)
             rate = best_rate(records, lang, "lora", seed)
             if not done(lang, "input-fusion", rate, seed):
-                stage1 = stage1_adapter(args, model, records, seed)
-                row, _, _ = run(args, model, os.path.join(runs, f"{lang}-input-fusion-lr{rate:g}"), lang, seed,
-                                "input-fusion", rate, stage1)
-                append_records(args.records, records, method_records(row, lang, seed, stage1))
+                run_recorded(args, model, records, seed, lang, "input-fusion", rate, f"{lang}-input-fusion-lr{rate:g}")
             for ablation in args.ablations:
                 for method, flags in ABLATIONS[ablation][1]:
                     rate, name = best_rate(records, lang, method, seed), f"{method}-{ablation}"
                     if not done(lang, name, rate, seed):
-                        stage1 = stage1_adapter(args, model, records, seed)
-                        row, _, _ = run(args, model, os.path.join(runs, f"{lang}-{name}-lr{rate:g}"), lang, seed,
-                                        method, rate, stage1, flags)
-                        append_records(args.records, records, [{**r, "method": name}
-                                                               for r in method_records(row, lang, seed, stage1)])
+                        run_recorded(args, model, records, seed, lang, method, rate, f"{lang}-{name}-lr{rate:g}",
+                                     flags, name)
     return records
 
 
