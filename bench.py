@@ -8,7 +8,8 @@ One invocation, one code path for CPU and CUDA, both sides of every ratio in the
   1. LoRA training step (forward, backward, AdamW; r=8 on every linear of every layer): ours (train.py's loss, from
      the labelled answer tokens' logits only) vs transformers + peft as a user runs it (labels in: every position's
      logits), on the same random Llama (transformers with attn_implementation="sdpa").
-  2. FLARE step (no-grad English source pass + fused target forward + backward + AdamW) vs our LoRA step.
+  2. FLARE step (no-grad English source pass + fused target forward + backward + AdamW) vs our LoRA step; the
+     English pass alone against the LoRA step, and the two steps' FLOPs by the cost model (item 8).
   3. Input-fusion step (plain LoRA on English + target, twice as long) vs the FLARE step.
   4. Peak memory of a FLARE step vs a LoRA step.
   5. Loading a sharded bf16 checkpoint of about 1B random parameters, each side in a fresh subprocess.
@@ -180,13 +181,20 @@ def training_setup(folder, s, device, dtype):
         a, b = lora_loss().item(), peft_loss().item()
     assert abs(a - b) < 1e-3 * max(1.0, abs(b)) * (10 if device.type == "cuda" else 1), f"losses differ: {a} vs {b}"
     models = {"lora": ours, "flare": fused, "peft": hf}
+
+    def english_pass():  # what the FLARE step adds to a LoRA step, timed on its own
+        with autocast():
+            flare.source_representations(fused, source, flare_batch.source_mask)
+
     steps = {"peft": step(peft_loss, opt["hf"]), "lora": step(lora_loss, opt["ours"]),
-             "flare": step(flare_loss, opt["flare"]), "input_fusion": step(fusion_loss, opt["ours"])}
+             "flare": step(flare_loss, opt["flare"]), "input_fusion": step(fusion_loss, opt["ours"]),
+             "flare_source": english_pass}
     return steps, models, opt
 
 
 def training_speed(steps, repeats, device):
-    """Items 1-3: all four training steps round-robin, so every ratio compares steps taken side by side."""
+    """Items 1-3: all four training steps and FLARE's English pass round-robin, so every ratio compares steps
+    taken side by side."""
     times = interleaved(steps, repeats, warmup=2, device=device)
     return {name: {"median_s": median(t), "times_s": t} for name, t in times.items()}
 
@@ -480,7 +488,8 @@ def cost_check(s):
                             batch=s["batch"])
         real = measured_step(config, method, "xnli", s["batch"], checkpointing)
         rows[method + (" --checkpointing" if checkpointing else "")] = {
-            "estimated_bytes": est["peak_bytes"], "measured_bytes": real, "ratio": est["peak_bytes"] / real}
+            "estimated_bytes": est["peak_bytes"], "measured_bytes": real, "ratio": est["peak_bytes"] / real,
+            "flops": est["flops"]}
     return rows
 
 
@@ -817,6 +826,12 @@ def table(r):
          r["ratios"]["lora_step"], GOALS["lora_step"], pr["lora_step"]),
         ("FLARE step vs our LoRA step", ms(t["flare"]["median_s"]), ms(t["lora"]["median_s"]),
          r["ratios"]["flare_step"], GOALS["flare_step"], pr["flare_step"]),
+        ("  of which the English source pass (no grad), vs our LoRA step", ms(t["flare_source"]["median_s"]),
+         ms(t["lora"]["median_s"]), r["ratios"]["flare_source_share"], None, pr["flare_source_share"]),
+        ("  FLOPs per step, FLARE vs LoRA, at this size (the cost model below)",
+         f"{r['cost_check']['flare']['flops'] / 1e9:.1f} GFLOP",
+         f"{r['cost_check']['lora']['flops'] / 1e9:.1f} GFLOP",
+         r["ratios"]["flare_step_flops"], None),
         ("input-fusion step vs FLARE step", ms(t["input_fusion"]["median_s"]), ms(t["flare"]["median_s"]),
          r["ratios"]["input_fusion_step"], None, pr["input_fusion_step"]),
         (f"peak memory, FLARE vs LoRA step ({r['memory_method']})", mib(m["flare"]["peak_bytes"]),
@@ -934,6 +949,8 @@ def main():
     r["ratios"] = {
         "lora_step": t["lora"]["median_s"] / t["peft"]["median_s"],
         "flare_step": t["flare"]["median_s"] / t["lora"]["median_s"],
+        "flare_source_share": t["flare_source"]["median_s"] / t["lora"]["median_s"],
+        "flare_step_flops": check["flare"]["flops"] / check["lora"]["flops"],
         "input_fusion_step": t["input_fusion"]["median_s"] / t["flare"]["median_s"],
         "flare_memory": mem["flare"]["peak_bytes"] / mem["lora"]["peak_bytes"],
         "flare_step_allocations": mem["flare"]["step_peak_bytes"] / mem["lora"]["step_peak_bytes"],
@@ -947,6 +964,7 @@ def main():
     r["per_round"] = {
         "lora_step": per_round(t["lora"]["times_s"], t["peft"]["times_s"]),
         "flare_step": per_round(t["flare"]["times_s"], t["lora"]["times_s"]),
+        "flare_source_share": per_round(t["flare_source"]["times_s"], t["lora"]["times_s"]),
         "input_fusion_step": per_round(t["input_fusion"]["times_s"], t["flare"]["times_s"]),
         "generation_speed": per_round(gen["hf"]["times_s"], gen["ours"]["times_s"]),  # tokens/s: B over A
         "eval_speed": per_round(evals["theirs"]["times_s"], evals["ours"]["times_s"]),

@@ -31,9 +31,9 @@ folder is lost: the records are committed, the run folders are not; seed 100's s
 session, scored 88.1 on validation where it scored 86.2 before and since, for a cause we did not find, so a stage 1
 trained again is recorded as stage1-again, and every run records the validation score of the stage 1 it read). A
 finished run leaves one JSON line in experiment/nusax-gemma3-270m[-<budget>].jsonl (language, method, rate, seed,
-validation and test metrics, seconds and CPU seconds) and is skipped from then on; an interrupted one (Ctrl-C or
-SIGTERM: train.py checkpoints) continues from its checkpoint with --resume. The table (mean and sample standard
-deviation over seeds) goes to the .md beside.
+validation and test metrics, seconds and CPU seconds, and its provenance: method_records) and is skipped from then
+on; an interrupted one (Ctrl-C or SIGTERM: train.py checkpoints) continues from its checkpoint with --resume. The
+table (mean and sample standard deviation over seeds) goes to the .md beside.
 
 The CPU budget, calibrated on this project's machine: 2 cores shared with five other agents' jobs (load average
 about 8 when lora and flare were measured, about 3 for input fusion), so a process got 2/3 of a core or less; one
@@ -57,6 +57,7 @@ seconds against CPU seconds), twice the throughput of one.
 --budget full is the paper's setting on all of NusaX (batch 32, 3 epochs, validation every tenth of a run).
 """
 import argparse
+import hashlib
 import json
 import os
 import pathlib
@@ -157,16 +158,36 @@ def append_records(path, records, new, every=False):
     records += fresh
 
 
+PROVENANCE = ("resumed", "model_sha256", "threads", "torch")  # what run() adds to a row, for every record of it
+
+
 def method_records(row, language, seed, stage1=None):
     """train.run_method's row for one method as one record per rate, with the validation score of the stage-1
-    adapter it read (a seed's stage 1 is trained again when its folder is lost, and need not score the same)."""
+    adapter it read (a seed's stage 1 is trained again when its folder is lost, and need not score the same) and
+    the run's provenance: whether its training went on from the checkpoint of an interrupted run (its seconds then
+    count from there), a digest of the model's weights (converted again on each new machine), torch and its thread
+    count."""
     stage1_val = stage1_score(stage1) if stage1 else None
     record = lambda r: {"language": language, "method": r["method"], "rate": r.get("lr"), "seed": seed,
                         "val_macro_f1": r.get("val_macro_f1"), "test": {m: r[m] for m in METRICS},
                         "mismatched_source_macro_f1": r.get("mismatched_source_macro_f1"),
                         "stage1_val_macro_f1": stage1_val,
-                        "seconds": round(r["seconds"], 1), "cpu_seconds": round(r["cpu_seconds"], 1)}
+                        "seconds": round(r["seconds"], 1), "cpu_seconds": round(r["cpu_seconds"], 1),
+                        **{k: row[k] for k in PROVENANCE if k in row}}
     return [record(r) for r in row.get("runs", [row])]
+
+
+def model_digest(folder):
+    """The first 16 hex digits of the sha256 of the model's config.json and weights; None where there are none."""
+    files = sorted(pathlib.Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for path in [pathlib.Path(folder) / "config.json", *files]:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def stage1_score(adapter):
@@ -189,11 +210,13 @@ def run(args, model, out, lang, seed, method, lr=None, stage1=None, flags=()):
         argv += ["--stage1", stage1]
     if os.path.exists(os.path.join(out, "args.json")):
         argv.append("--resume")
+    resumed = os.path.exists(os.path.join(out, method, "checkpoint.pt"))  # train.py's, while the method trains
     print(f"experiment: seed {seed} {lang} {method}" + ("" if lr is None else f" (lr {lr:g})"), file=sys.stderr,
           flush=True)
     wall, cpu = time.time(), time.process_time()
     results = train.main(argv)
-    return results[method], time.time() - wall, time.process_time() - cpu
+    row = {**results[method], "resumed": resumed, **args.provenance}
+    return row, time.time() - wall, time.process_time() - cpu
 
 
 def in_grid(records, language, method, seed):
@@ -210,11 +233,13 @@ def best_rate(records, language, method, seed):
 def stage1_and_zero_shot(args, model, records, seed):
     """Stage 1 of a seed, trained in its first run (zero-shot on the first language), recorded with that run."""
     home = os.path.join(args.runs, f"s{seed}", LANGS[0])
+    resumed = os.path.exists(os.path.join(home, "stage1", "checkpoint.pt"))
     row, wall, cpu = run(args, model, home, LANGS[0], seed, "zero-shot")
     adapter = os.path.join(home, "stage1", "adapter")  # the path stage1_adapter returns
     stage = {"language": "en", "method": "stage1", "rate": STAGE1_RATE, "seed": seed,
              "val_macro_f1": stage1_score(adapter), "test": None,
-             "seconds": round(wall - row["seconds"], 1), "cpu_seconds": round(cpu - row["cpu_seconds"], 1)}
+             "seconds": round(wall - row["seconds"], 1), "cpu_seconds": round(cpu - row["cpu_seconds"], 1),
+             **{k: row[k] for k in PROVENANCE}, "resumed": resumed}
     before = [r["val_macro_f1"] for r in records if key(r) == key(stage)]
     if before:  # its folder was lost: recorded as trained again (its CPU time counts), the first record kept
         print(f"experiment: stage 1 of seed {seed} trained again scores {stage['val_macro_f1']} on validation, "
@@ -243,6 +268,8 @@ def experiment(args):
     records = read_records(args.records)
     done = lambda *k: k in {key(r) for r in records}
     model = args.model or model_folder()
+    args.provenance = {"model_sha256": model_digest(model), "threads": torch.get_num_threads(),
+                       "torch": torch.__version__}
     for seed in args.seeds:
         runs = os.path.join(args.runs, f"s{seed}")
         first = LANGS[0] in args.langs

@@ -4,6 +4,7 @@ and the seconds train.run_method records for each run.
 The grid runs against a stand-in for train.main that answers from a table of made-up scores (the real runs take
 hours); the seconds are checked on the CPU demo (--model tiny) with an evaluation slowed down by a known amount.
 """
+import hashlib
 import json
 import shutil
 import os
@@ -11,6 +12,7 @@ import statistics
 import time
 
 import pytest
+import torch
 
 import experiment
 import flare
@@ -130,19 +132,44 @@ def test_an_interrupted_grid_goes_on_where_it_stopped(fake_main, tmp_path, monke
     monkeypatch.setattr(experiment, "ROOT", tmp_path)
     real = train.main
 
-    def stop_at_the_fifth_call(argv):
+    def stop_in_the_fifth_call(argv):  # as train.main stops in training: args.json and a checkpoint, no result
         if len(fake_main) == 4:
+            out = argv[argv.index("--out") + 1]
+            method = argv[argv.index("--methods") + 1]
+            os.makedirs(os.path.join(out, method))
+            open(os.path.join(out, "args.json"), "w").write("{}")
+            open(os.path.join(out, method, "checkpoint.pt"), "w").write("")
+            fake_main.append(argv)
             raise SystemExit("interrupted")
         return real(argv)
-    monkeypatch.setattr(train, "main", stop_at_the_fifth_call)
+    monkeypatch.setattr(train, "main", stop_in_the_fifth_call)
     with pytest.raises(SystemExit):
         experiment.main(args_for(tmp_path))
     assert len(experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")) == 5  # 4 runs, 5 records
+    stopped = fake_main[4]
 
     monkeypatch.setattr(train, "main", real)
     experiment.main(args_for(tmp_path))
     records = experiment.read_records(tmp_path / "experiment" / "nusax-gemma3-270m.jsonl")
     assert len(records) == experiment.EXPECTED == len({experiment.key(r) for r in records})
+    assert fake_main[5] == stopped + ["--resume"]  # the stopped run continued, and its record says so
+    flag = lambda name: stopped[stopped.index(name) + 1]
+    resumed = [r for r in records if r["resumed"]]
+    assert [(r["language"], r["method"], r["rate"]) for r in resumed] == [
+        (flag("--lang"), flag("--methods"), float(flag("--lr")))]
+    assert all(r["threads"] == torch.get_num_threads() and r["model_sha256"] is None for r in records)  # no weights
+
+
+def test_the_model_digest_is_the_sha256_of_its_config_and_weights_in_name_order(tmp_path):
+    files = {"config.json": b"{}", "model-00002-of-00002.safetensors": b"second", "model-00001-of-00002.safetensors":
+             b"first", "tokenizer.json": b"not hashed"}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+
+    assert experiment.model_digest(tmp_path) == hashlib.sha256(b"{}firstsecond").hexdigest()[:16]
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"secont")
+    assert experiment.model_digest(tmp_path) == hashlib.sha256(b"{}firstsecont").hexdigest()[:16]
+    assert experiment.model_digest(tmp_path / "nothing-here") is None
 
 
 def test_the_table_takes_each_seed_at_its_best_rate_on_validation(fake_main, tmp_path, monkeypatch):
