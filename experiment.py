@@ -61,6 +61,7 @@ import hashlib
 import json
 import os
 import pathlib
+import platform
 import signal
 import statistics
 import sys
@@ -158,15 +159,15 @@ def append_records(path, records, new, every=False):
     records += fresh
 
 
-PROVENANCE = ("resumed", "model_sha256", "threads", "torch")  # what run() adds to a row, for every record of it
+PROVENANCE = ("resumed", "model_sha256", "cpu", "threads", "torch")  # what run() adds to a row, for every record of it
 
 
 def method_records(row, language, seed, stage1=None):
     """train.run_method's row for one method as one record per rate, with the validation score of the stage-1
     adapter it read (a seed's stage 1 is trained again when its folder is lost, and need not score the same) and
     the run's provenance: whether its training went on from the checkpoint of an interrupted run (its seconds then
-    count from there), a digest of the model's weights (converted again on each new machine), torch and its thread
-    count."""
+    count from there), a digest of the model's weights (converted again on each new machine), the CPU, torch and
+    its thread count."""
     stage1_val = stage1_score(stage1) if stage1 else None
     record = lambda r: {"language": language, "method": r["method"], "rate": r.get("lr"), "seed": seed,
                         "val_macro_f1": r.get("val_macro_f1"), "test": {m: r[m] for m in METRICS},
@@ -175,6 +176,19 @@ def method_records(row, language, seed, stage1=None):
                         "seconds": round(r["seconds"], 1), "cpu_seconds": round(r["cpu_seconds"], 1),
                         **{k: row[k] for k in PROVENANCE if k in row}}
     return [record(r) for r in row.get("runs", [row])]
+
+
+def cpu_name():
+    """The CPU as /proc/cpuinfo names it, with its family and model (hosts that share a name differ in them), and the
+    vector instructions torch's kernels use on it: another kernel sums floating-point numbers in another order."""
+    info = pathlib.Path("/proc/cpuinfo")
+    fields = {}
+    for line in info.read_text().splitlines() if info.exists() else []:
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    family = f" (family {fields['cpu family']} model {fields['model']})" if "cpu family" in fields else ""
+    return f"{name}{family}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def model_digest(folder):
@@ -268,7 +282,7 @@ def experiment(args):
     records = read_records(args.records)
     done = lambda *k: k in {key(r) for r in records}
     model = args.model or model_folder()
-    args.provenance = {"model_sha256": model_digest(model), "threads": torch.get_num_threads(),
+    args.provenance = {"model_sha256": model_digest(model), "cpu": cpu_name(), "threads": torch.get_num_threads(),
                        "torch": torch.__version__}
     for seed in args.seeds:
         runs = os.path.join(args.runs, f"s{seed}")

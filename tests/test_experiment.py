@@ -158,6 +158,7 @@ def test_an_interrupted_grid_goes_on_where_it_stopped(fake_main, tmp_path, monke
     assert [(r["language"], r["method"], r["rate"]) for r in resumed] == [
         (flag("--lang"), flag("--methods"), float(flag("--lr")))]
     assert all(r["threads"] == torch.get_num_threads() and r["model_sha256"] is None for r in records)  # no weights
+    assert all(r["cpu"].endswith(f", {torch.backends.cpu.get_cpu_capability()}") for r in records)
 
 
 def test_the_model_digest_is_the_sha256_of_its_config_and_weights_in_name_order(tmp_path):
