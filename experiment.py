@@ -106,6 +106,9 @@ def parse_args(argv=None):
                    "processes, once its stage 1 has run")
     p.add_argument("--ablations", default="", help="also these runs beside the grid, comma-separated, each at the "
                    f"rate its method chose on validation: {', '.join(ABLATIONS)} (see above)")
+    p.add_argument("--records", help="the records file (default experiment/nusax-gemma3-270m[-<budget>].jsonl, the "
+                   "table's .md beside it); a new file with a new --runs runs the experiment afresh, e.g. a repeat on "
+                   "another machine")
     p.add_argument("--summary", action="store_true", help="write and print the table only; run nothing")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -119,7 +122,7 @@ def parse_args(argv=None):
     if not set(args.ablations) <= set(ABLATIONS):
         p.error(f"--ablations {','.join(args.ablations)}: the ablations are {', '.join(ABLATIONS)}")
     suffix = "" if args.budget == "cpu" else f"-{args.budget}"
-    args.records = ROOT / "experiment" / f"nusax-gemma3-270m{suffix}.jsonl"
+    args.records = pathlib.Path(args.records or ROOT / "experiment" / f"nusax-gemma3-270m{suffix}.jsonl")
     args.runs = os.path.join(args.runs, args.budget)
     return args
 
@@ -153,7 +156,7 @@ def append_records(path, records, new, every=False):
     """Append the new records whose run is not recorded yet (or every one: a stage 1 trained again) to path."""
     held = set() if every else {key(r) for r in records}
     fresh = [r for r in new if key(r) not in held]
-    path.parent.mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in fresh)
     records += fresh
@@ -192,12 +195,17 @@ def cpu_name():
 
 
 def model_digest(folder):
-    """The first 16 hex digits of the sha256 of the model's config.json and weights; None where there are none."""
-    files = sorted(pathlib.Path(folder).glob("*.safetensors"))
+    """The first 16 hex digits of the sha256 of the model's config and weights; None where there are none. The config
+    is hashed without the transformers version that wrote it (the same weights, converted by another release, are
+    the same model), as its JSON with sorted keys."""
+    folder = pathlib.Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    h = hashlib.sha256()
-    for path in [pathlib.Path(folder) / "config.json", *files]:
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("transformers_version", None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for path in files:
         with open(path, "rb") as f:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
@@ -418,7 +426,7 @@ def main(argv=None):
         experiment(args)
     records = read_records(args.records)  # with what other processes (--seeds) recorded meanwhile
     table = summary(records, args.budget)
-    args.records.parent.mkdir(exist_ok=True)
+    args.records.parent.mkdir(parents=True, exist_ok=True)
     args.records.with_suffix(".md").write_text(f"{table}\n\nPaired differences (points; a run pairs with the run of "
                                                f"the same language and seed):\n\n{differences(records)}\n\n"
                                                f"Every run made (percent):\n\n{every_run(records)}\n")

@@ -161,15 +161,19 @@ def test_an_interrupted_grid_goes_on_where_it_stopped(fake_main, tmp_path, monke
     assert all(r["cpu"].endswith(f", {torch.backends.cpu.get_cpu_capability()}") for r in records)
 
 
-def test_the_model_digest_is_the_sha256_of_its_config_and_weights_in_name_order(tmp_path):
-    files = {"config.json": b"{}", "model-00002-of-00002.safetensors": b"second", "model-00001-of-00002.safetensors":
-             b"first", "tokenizer.json": b"not hashed"}
+def test_the_model_digest_hashes_the_config_less_its_transformers_version_then_the_weights_in_name_order(tmp_path):
+    files = {"config.json": b'{"transformers_version": "5.24.0"}', "model-00002-of-00002.safetensors": b"second",
+             "model-00001-of-00002.safetensors": b"first", "tokenizer.json": b"not hashed"}
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
 
     assert experiment.model_digest(tmp_path) == hashlib.sha256(b"{}firstsecond").hexdigest()[:16]
     (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"secont")
     assert experiment.model_digest(tmp_path) == hashlib.sha256(b"{}firstsecont").hexdigest()[:16]
+    (tmp_path / "config.json").write_text('{"transformers_version": "5.25.0"}')  # converted by another release
+    assert experiment.model_digest(tmp_path) == hashlib.sha256(b"{}firstsecont").hexdigest()[:16]
+    (tmp_path / "config.json").write_text('{"z": 1, "a": 2}')
+    assert experiment.model_digest(tmp_path) == hashlib.sha256(b'{"a": 2, "z": 1}firstsecont').hexdigest()[:16]
     assert experiment.model_digest(tmp_path / "nothing-here") is None
 
 
@@ -284,3 +288,18 @@ def test_a_lost_run_folder_trains_stage_1_again_only_for_the_runs_still_to_come(
                and r["stage1_val_macro_f1"] != 0.71)
     table = (tmp_path / "experiment" / "nusax-gemma3-270m.md").read_text()
     assert "PARTIAL" not in table and "| stage1-again | en |" in table
+
+
+def test_records_elsewhere_run_the_grid_afresh_and_leave_the_default_records_alone(fake_main, tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "ROOT", tmp_path)
+    experiment.main(args_for(tmp_path) + ["--seeds", "2", "--langs", "sun"])
+    default = tmp_path / "experiment" / "nusax-gemma3-270m.jsonl"
+    before = default.read_text()
+    other = tmp_path / "repeat" / "other-machine.jsonl"
+    experiment.main(["--model", "gemma", "--runs", str(tmp_path / "runs-again"), "--data-dir", str(tmp_path),
+                     "--seeds", "2", "--langs", "sun", "--records", str(other)])
+
+    assert default.read_text() == before
+    again = experiment.read_records(other)
+    assert sorted(map(experiment.key, again)) == sorted(map(experiment.key, experiment.read_records(default)))
+    assert other.with_suffix(".md").read_text().startswith("Gemma 3 270M base on NusaX-senti")
