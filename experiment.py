@@ -53,7 +53,9 @@ the three hours we aimed at: at three hours the same grid would leave 3 optimize
 too few to measure anything. The records hold each run's CPU seconds, so the total is measured, not estimated.
 Two processes (two seeds, or a seed split by --langs) ran at half the speed each in the first session, no faster in
 all than one, while other jobs shared the cores; in later sessions each ran at about its CPU time (the records'
-seconds against CPU seconds), twice the throughput of one.
+seconds against CPU seconds), twice the throughput of one. The CPU budget pins one torch thread and, on a CPU with
+AVX-512, torch's AVX2 kernels, which the records were made with (same_kernels): on AVX-512 kernels the same runs
+round otherwise in the last digits, and these small runs carry that into their scores.
 --budget full is the paper's setting on all of NusaX (batch 32, 3 epochs, validation every tenth of a run).
 """
 import argparse
@@ -433,9 +435,22 @@ def main(argv=None):
     print(table)
 
 
+def same_kernels(argv):
+    """On a CPU with AVX-512, this script again with torch's AVX2 kernels, the ones the records were made with: a
+    kernel of another vector width sums in another order, and the small runs of the CPU budget carry a last-digit
+    difference into other scores (README, "Runs repeat"). torch reads ATEN_CPU_CAPABILITY when it loads: hence a new
+    process. Where it is set already, it stands."""
+    if torch.backends.cpu.get_cpu_capability() == "AVX512" and "ATEN_CPU_CAPABILITY" not in os.environ:
+        print("experiment: running again with the AVX2 kernels the records were made with", file=sys.stderr)
+        argv = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv],
+                  {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"})
+
+
 def cli(argv=None):
     signal.signal(signal.SIGTERM, train.interrupt)  # a checkpoint, then exit: the same command continues
     if parse_args(argv).budget == "cpu":
+        same_kernels(argv)
         torch.set_num_threads(1)  # as calibrated, and the same in every session
     try:
         main(argv)

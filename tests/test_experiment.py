@@ -303,3 +303,26 @@ def test_records_elsewhere_run_the_grid_afresh_and_leave_the_default_records_alo
     again = experiment.read_records(other)
     assert sorted(map(experiment.key, again)) == sorted(map(experiment.key, experiment.read_records(default)))
     assert other.with_suffix(".md").read_text().startswith("Gemma 3 270M base on NusaX-senti")
+
+
+@pytest.mark.parametrize("capability, preset, runs_again", [("AVX512", None, True), ("AVX2", None, False),
+                                                            ("AVX512", "avx512", False), ("DEFAULT", None, False)])
+def test_the_cpu_budget_runs_on_avx2_kernels_where_the_cpu_has_avx512(monkeypatch, capability, preset, runs_again):
+    class Exec(Exception):
+        pass
+
+    def execve(path, argv, env):
+        raise Exec(path, argv, env)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    if preset:
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", preset)
+    if runs_again:
+        with pytest.raises(Exec) as e:
+            experiment.same_kernels(["--seeds", "2"])
+        path, argv, env = e.value.args
+        assert argv[1:] == [os.path.abspath(experiment.__file__), "--seeds", "2"] and path == argv[0]
+        assert env["ATEN_CPU_CAPABILITY"] == "avx2"
+    else:
+        experiment.same_kernels(["--seeds", "2"])  # returns: this process goes on
