@@ -29,8 +29,8 @@ zero-shot run) and translate-test, s<seed>/<lang>/ the other languages' zero-sho
 each trained method at each rate; every run but stage 1's reads its adapter with --stage1 (trained again if its
 folder is lost: the records are committed, the run folders are not; seed 100's stage 1, trained again in one later
 session, scored 88.1 on validation where it scored 86.2 before and since, most likely on another CPU's kernels (see
-same_kernels), so a stage 1
-trained again is recorded as stage1-again, and every run records the validation score of the stage 1 it read). A
+same_kernels), so a stage 1 trained again is recorded as stage1-again, and every run records the validation score
+of the stage 1 it read). A
 finished run leaves one JSON line in experiment/nusax-gemma3-270m[-<budget>].jsonl (language, method, rate, seed,
 validation and test metrics, seconds and CPU seconds, and its provenance: method_records) and is skipped from then
 on; an interrupted one (Ctrl-C or SIGTERM: train.py checkpoints) continues from its checkpoint with --resume. The

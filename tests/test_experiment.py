@@ -296,8 +296,8 @@ def test_records_elsewhere_run_the_grid_afresh_and_leave_the_default_records_alo
     default = tmp_path / "experiment" / "nusax-gemma3-270m.jsonl"
     before = default.read_text()
     other = tmp_path / "repeat" / "other-machine.jsonl"
-    experiment.main(["--model", "gemma", "--runs", str(tmp_path / "runs-again"), "--data-dir", str(tmp_path),
-                     "--seeds", "2", "--langs", "sun", "--records", str(other)])
+    experiment.main(args_for(tmp_path) + ["--runs", str(tmp_path / "runs-again"), "--seeds", "2", "--langs", "sun",
+                                          "--records", str(other)])  # the last --runs wins
 
     assert default.read_text() == before
     again = experiment.read_records(other)
