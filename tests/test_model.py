@@ -147,6 +147,22 @@ def test_load_model_casts_weights_to_the_requested_dtype_and_keeps_rope_in_fp32(
     assert ours.inv_freq.dtype == torch.float32
 
 
+def test_a_change_to_weights_loaded_in_the_files_dtype_reaches_neither_the_file_nor_the_next_load(tmp_path):
+    """On the CPU in the file's dtype the weights stay in the file's copy-on-write mapping: an in-place change (as
+    flare.merge makes) must stay in this process."""
+    folder = save_tiny(tiny_hf_model("llama"), tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    stored, before = load_file(path), path.read_bytes()
+    ours = model.load_model(folder, dtype=torch.float32)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(1.0)
+    assert path.read_bytes() == before
+    again = dict(model.load_model(folder, dtype=torch.float32).named_parameters())
+    for name, p in ours.named_parameters():
+        assert torch.equal(again[name], stored[name]) and torch.equal(p, stored[name] + 1.0)
+
+
 @pytest.mark.parametrize("offset", [False, True], ids=["llama", "gemma"])
 def test_rms_norm_keeps_one_fp32_copy_of_a_bf16_input_for_backward(offset):
     norm = model.RMSNorm(64, 1e-6, offset).to(torch.bfloat16).requires_grad_(False)  # frozen, as in training
