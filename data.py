@@ -82,6 +82,7 @@ class Pair:
     target: dict   # the target-language fields of the item, e.g. {"premise": ..., "hypothesis": ...}
     source: dict   # the English fields of the same item (TyDiQA adds "answer", the span in the English context)
     answer: str    # gold answer: a label word or the answer text (no EOS)
+    more_answers: tuple = ()  # TyDiQA's test items: the other annotators' answers, for the SQuAD-style scores
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,7 +162,8 @@ def _tydiqa(lang: str, split: str, cache_dir: str | None, data_dir: str | None) 
         in_split = split == "test" or held_out == (split == "validation")
         if r["id"].startswith(TYDIQA_LANGUAGES[lang] + "-") and in_split:
             items.append({"id": r["id"], "context": r["context"], "question": r["question"],
-                          "answer": r["answers"]["text"][0], "answer_start": r["answers"]["answer_start"][0]})
+                          "answer": r["answers"]["text"][0], "answer_start": r["answers"]["answer_start"][0],
+                          "more_answers": tuple(r["answers"]["text"][1:])})
     return items
 
 
@@ -209,7 +211,7 @@ def load_pairs(task: str, lang: str, split: str, *, limit: int | None = None, se
     items = _items(task, lang, split, limit, seed, cache_dir, data_dir)
     fields = lambda item: {k: item[k] for k in spec.fields}
     if lang == "en":
-        return [Pair(it["id"], fields(it), fields(it), it["answer"]) for it in items]
+        return [Pair(it["id"], fields(it), fields(it), it["answer"], it.get("more_answers", ())) for it in items]
     if task == "tydiqa":
         if translations is None:
             raise UsageError(f"tydiqa is not parallel: pass translations=<file.jsonl> with the English side of "
@@ -264,8 +266,8 @@ def _translated_pairs(items: list[dict], path: str, name: str) -> list[Pair]:
     if missing:
         raise UsageError(f"{path} misses translations for {len(missing)} of {len(items)} {name} items (e.g. "
                          f"{missing[:3]}): run translate_tydiqa for them first.")
-    pairs = [Pair(it["id"], {"context": it["context"], "question": it["question"]}, records[it["id"]], it["answer"])
-             for it in items if _answer_kept(records[it["id"]])]
+    pairs = [Pair(it["id"], {"context": it["context"], "question": it["question"]}, records[it["id"]], it["answer"],
+                  it["more_answers"]) for it in items if _answer_kept(records[it["id"]])]
     if len(pairs) < len(items):
         print(f"{name}: dropped {len(items) - len(pairs)} of {len(items)} items whose answer was lost in translation",
               file=sys.stderr)
@@ -462,10 +464,15 @@ def token_f1(pred: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def metrics(task: Task, pred: list[str], gold: list[str]) -> dict[str, float]:
-    """Every metric of the task; task.metric names the headline one."""
+def metrics(task: Task, pred: list[str], gold: list[str], more_gold: list[tuple] | None = None) -> dict[str, float]:
+    """Every metric of the task; task.metric names the headline one. QA is scored against the first gold answer,
+    as the paper's code scores it, and also as SQuAD's script scores it, by the best over all gold answers
+    (more_gold: each item's further answers; TyDiQA's test items have up to three)."""
     if task.labels is not None:
         return {"accuracy": accuracy(pred, gold), "macro_f1": macro_f1(pred, gold, task.labels)}
     _same_length(pred, gold)
+    golds = [(g, *more) for g, more in zip(gold, more_gold or [()] * len(gold))]
+    best = lambda score: sum(max(score(p, g) for g in gs) for p, gs in zip(pred, golds)) / len(gold)
     return {"exact_match": sum(map(exact_match, pred, gold)) / len(gold),
-            "token_f1": sum(map(token_f1, pred, gold)) / len(gold)}
+            "token_f1": sum(map(token_f1, pred, gold)) / len(gold),
+            "exact_match_squad": best(exact_match), "token_f1_squad": best(token_f1)}

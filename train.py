@@ -446,7 +446,7 @@ def evaluate(model, tok, task, pairs, method, args, device):
                                      source=batch_source(model, b, method, args),
                                      use_cache=not position_mixing(method, args), all_done=all_done)
                 preds += [tok.decode([t for t in row if t != tok.eos_id]).strip() for row in new.tolist()]
-    return data.metrics(task, gathered(preds, len(pairs)), [p.answer for p in pairs])
+    return data.metrics(task, gathered(preds, len(pairs)), [p.answer for p in pairs], [p.more_answers for p in pairs])
 
 
 def position_mixing(method, args):
@@ -798,7 +798,8 @@ def train_stage1(model_path, tok, task, load, args, device):
 
 
 def results_table(results, task, args):
-    keys = [k for k in ("accuracy", "macro_f1", "exact_match", "token_f1") if any(k in r for r in results.values())]
+    keys = [k for k in ("accuracy", "macro_f1", "exact_match", "token_f1", "exact_match_squad", "token_f1_squad")
+            if any(k in r for r in results.values())]
     head = f"{args.task} ({args.lang}), model {args.model}, test n={args.max_eval or 'all'}\n\n"
     lines = ["| method | lr | " + " | ".join(keys) + f" | val {task.metric} | mismatched source |",
              "|---" * (len(keys) + 4) + "|"]

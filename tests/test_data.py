@@ -216,7 +216,16 @@ def test_exact_match_and_token_f1_equal_hand_computed_values():
     assert data.token_f1("Paris", "London") == 0.0
     assert data.token_f1("the", "a") == 1.0  # both empty after normalisation
     scores = data.metrics(data.TASKS["tydiqa"], ["The Nile.", "Paris"], ["nile", "London"])
-    assert scores == {"exact_match": 0.5, "token_f1": 0.5}
+    assert scores == {"exact_match": 0.5, "token_f1": 0.5, "exact_match_squad": 0.5, "token_f1_squad": 0.5}
+
+
+def test_squad_scores_take_the_best_gold_answer_and_the_headline_scores_the_first():
+    # item 1: the second gold matches exactly; item 2: "in the north" vs "north" (f1 2/3) beats "south" (0)
+    scores = data.metrics(data.TASKS["tydiqa"], ["Pierre Curie", "in the north"], ["Marie Curie", "south"],
+                          [("Pierre Curie", "Curie"), ("north",)])
+    assert scores["exact_match"] == 0.0 and scores["exact_match_squad"] == 0.5
+    assert scores["token_f1"] == pytest.approx((0.5 + 0.0) / 2)
+    assert scores["token_f1_squad"] == pytest.approx((1.0 + 2 / 3) / 2)
     assert data.metrics(data.TASKS["nusax"], ["positive"], ["positive"])["macro_f1"] == pytest.approx(1 / 3)
 
 

@@ -95,6 +95,18 @@ def test_tydiqa_test_is_the_validation_file_with_every_language():
     assert len(data.load_pairs("tydiqa", "en", "test", data_dir=str(SHARED))) == 440
 
 
+def test_tydiqa_test_pairs_keep_every_annotators_answer_for_the_squad_scores():
+    rows = pq.read_table(SHARED / "google-research-datasets" / "tydiqa" / "secondary_task" /
+                         "validation-00000-of-00001.parquet").to_pylist()
+    golds = {r["id"]: r["answers"]["text"] for r in rows if r["id"].startswith("english-")}
+    pairs = data.load_pairs("tydiqa", "en", "test", data_dir=str(SHARED))
+    assert {p.id: [p.answer, *p.more_answers] for p in pairs} == golds
+    assert sum(len(set(g)) > 1 for g in golds.values()) > 50  # differing answers: the two scores can differ
+    last = [(p.answer, *p.more_answers)[-1] for p in pairs]  # the last annotator's answer as the prediction
+    scores = data.metrics(data.TASKS["tydiqa"], last, [p.answer for p in pairs], [p.more_answers for p in pairs])
+    assert scores["exact_match_squad"] == 1.0 > scores["exact_match"]
+
+
 @pytest.mark.parametrize("lang, size", [("en", 3696), ("ko", 1625), ("sw", 2755)])
 def test_tydiqa_train_and_validation_split_the_train_file_of_the_languages_it_holds(lang, size):
     train_items, validation = (data.READERS["tydiqa"](lang, s, None, str(SHARED)) for s in ("train", "validation"))
