@@ -547,8 +547,7 @@ def checkpoint_files(folder: str) -> list[str]:
 
 def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu", shard=None) -> Transformer:
     """The model of an alias, Hub repo id or local folder, weights streamed tensor by tensor into place, so the
-    weights are never held twice (on the CPU in the file's dtype they stay where the file is mapped). Every tensor of
-    the checkpoint is checked against the config by name and shape.
+    weights are never held twice. Every tensor of the checkpoint is checked against the config by name and shape.
     shard: a function that shards the model in place (train.shard_per_layer, FSDP2), applied before any weight is
     read: each process then reads only its rows of each tensor."""
     folder = resolve(name_or_path)
@@ -598,14 +597,11 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu", shard=None
                 raise UsageError(f"{stored} in {path} has shape {shape}, but config.json implies "
                                  f"{tuple(params[name].shape)}: the checkpoint does not match its config.")
             # The file is opened per tensor: safe_open memory-maps it, and the pages read stay resident until it is
-            # closed, which would hold a second copy of a one-file checkpoint next to the copied weights.
+            # closed, which would hold a second copy of a one-file checkpoint next to the weights. The weights are
+            # copied, not left in the file's pages as transformers leaves them: there they lie wherever the file puts
+            # them, off 64-byte boundaries, and there a run resumed in another process ended with another adapter.
             with torch.no_grad(), safe_open(path, framework="pt") as f:
-                param = params[name]
-                tensor = None if isinstance(param, DTensor) else f.get_tensor(stored)  # a copy-on-write map of the file
-                if tensor is not None and param.device.type == "cpu" and tensor.dtype == param.dtype:
-                    param.data = tensor  # the weight stays in the file's pages (as in transformers): nothing is copied
-                else:
-                    copy_rows(param, f.get_slice(stored))  # of an FSDP2 shard, this process's rows only
+                copy_rows(params[name], f.get_slice(stored))
             missing.discard(name)
     if unexpected or missing:
         raise UsageError(f"checkpoint {folder} does not match the {config_path} architecture: "

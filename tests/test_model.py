@@ -148,8 +148,8 @@ def test_load_model_casts_weights_to_the_requested_dtype_and_keeps_rope_in_fp32(
 
 
 def test_a_change_to_weights_loaded_in_the_files_dtype_reaches_neither_the_file_nor_the_next_load(tmp_path):
-    """On the CPU in the file's dtype the weights stay in the file's copy-on-write mapping: an in-place change (as
-    flare.merge makes) must stay in this process."""
+    """The loaded weights are the model's own (safe_open maps the file): an in-place change (as flare.merge makes)
+    must stay in this process."""
     folder = save_tiny(tiny_hf_model("llama"), tmp_path)
     (path,) = tmp_path.glob("*.safetensors")
     stored, before = load_file(path), path.read_bytes()
