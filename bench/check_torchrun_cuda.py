@@ -63,8 +63,9 @@ def main():
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     adapter = sum(float(t.double().sum()) for t in flare.adapter_state(m, "transfer").values())  # the same on all
-    rows = [None] * world
-    dist.all_gather_object(rows, (rank, bench.median(times[1:] or times), peak, adapter))
+    rows = [(rank, bench.median(times[1:] or times), peak, adapter)] * world
+    if world > 1:  # one process starts no process group (train.start_processes)
+        dist.all_gather_object(rows, rows[0])
     if rank == 0:
         est = None if a.layers else bench.fsdp_per_gpu(a.model, "xnli", a.method, checkpointing, gpus=world)[
             "peak_gb"] if fsdp else bench.estimate_by_depth(config, a.method, "xnli", checkpointing,
@@ -75,7 +76,8 @@ def main():
         for r, step_s, gb, _ in rows:
             print(f"rank {r}: step {step_s * 1e3:.0f} ms, peak CUDA memory {gb and f'{gb:.1f} GB'}")
         print("PASS" if len({round(x[3], 6) for x in rows}) == 1 else "FAIL: the adapters differ between processes")
-    dist.destroy_process_group()
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
