@@ -471,8 +471,7 @@ def metrics(task: Task, pred: list[str], gold: list[str], more_gold: list[tuple]
     if task.labels is not None:
         return {"accuracy": accuracy(pred, gold), "macro_f1": macro_f1(pred, gold, task.labels)}
     _same_length(pred, gold)
-    golds = [(g, *more) for g, more in zip(gold, more_gold or [()] * len(gold))]
-    best = lambda score: sum(max(score(p, g) for g in gs) for p, gs in zip(pred, golds)) / len(gold)
-    return {"exact_match": sum(map(exact_match, pred, gold)) / len(gold),
-            "token_f1": sum(map(token_f1, pred, gold)) / len(gold),
-            "exact_match_squad": best(exact_match), "token_f1_squad": best(token_f1)}
+    first, every = [(g,) for g in gold], [(g, *more) for g, more in zip(gold, more_gold or [()] * len(gold))]
+    best = lambda score, golds: sum(max(score(p, g) for g in gs) for p, gs in zip(pred, golds)) / len(gold)
+    return {"exact_match": best(exact_match, first), "token_f1": best(token_f1, first),
+            "exact_match_squad": best(exact_match, every), "token_f1_squad": best(token_f1, every)}
