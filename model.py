@@ -598,8 +598,8 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu", shard=None
                                  f"{tuple(params[name].shape)}: the checkpoint does not match its config.")
             # The file is opened per tensor: safe_open memory-maps it, and the pages read stay resident until it is
             # closed, which would hold a second copy of a one-file checkpoint next to the weights. The weights are
-            # copied, not left in the file's pages as transformers leaves them: there they lie wherever the file puts
-            # them, off 64-byte boundaries, and there a run resumed in another process ended with another adapter.
+            # copied, not left in the file's pages as transformers leaves them: mapped, they lie off 64-byte
+            # boundaries, and a run resumed in another process then ended with another adapter.
             with torch.no_grad(), safe_open(path, framework="pt") as f:
                 copy_rows(params[name], f.get_slice(stored))
             missing.discard(name)
